@@ -1,0 +1,27 @@
+"""Request ids: taken from X-Request-ID when sane, else a new UUIDv7; echoed back."""
+
+from __future__ import annotations
+
+import re
+
+from portal.logging import request_id_var
+from runs.ids import uuid7
+
+_SANE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+
+
+class RequestIdMiddleware:
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        incoming = request.headers.get("X-Request-ID", "")
+        request_id = incoming if _SANE.match(incoming) else str(uuid7())
+        request.request_id = request_id
+        token = request_id_var.set(request_id)
+        try:
+            response = self.get_response(request)
+        finally:
+            request_id_var.reset(token)
+        response["X-Request-ID"] = request_id
+        return response

@@ -1,0 +1,231 @@
+"""Run endpoints: heartbeat (write) and the read API with keyset pagination."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+import orjson
+from django.http import Http404, HttpRequest, StreamingHttpResponse
+from ninja import Field, Query, Router, Schema
+from ninja.errors import HttpError
+
+from portal.api import project_auth, read_auth
+from runs.models import Event, Project, Run
+
+router = Router(tags=["runs"])
+
+LEVEL_ORDER = ["debug", "info", "warn", "error"]
+
+
+def runs_for(request: HttpRequest):
+    """The runs the caller may see: its project's with a token, all for an operator."""
+    if isinstance(request.auth, Project):
+        return Run.objects.filter(project=request.auth)
+    return Run.objects.all()
+
+
+def get_run(request: HttpRequest, run_id: str) -> Run:
+    run = (
+        runs_for(request)
+        .filter(run_id=run_id)
+        .select_related("parent")
+        .order_by("-id")
+        .first()
+    )
+    if run is None:
+        raise Http404("run not found")
+    return run
+
+
+def run_json(run: Run, detail: bool = False) -> dict:
+    out = {
+        "run_id": run.run_id,
+        "project": run.project_id,
+        "slug": run.slug,
+        "kind": run.kind,
+        "status": run.status,
+        "phase": run.phase,
+        "pid": run.pid,
+        "host": run.host,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "last_heartbeat": run.last_heartbeat,
+        "last_event_at": run.last_event_at,
+        "exit_clean": run.exit_clean,
+        "exit_code": run.exit_code,
+        "tags": run.tags,
+        "attributes": run.attributes,
+        "counters": {
+            "events": run.events_count,
+            "errors": run.errors_count,
+            "warnings": run.warnings_count,
+            "tokens_in": run.tokens_in,
+            "tokens_out": run.tokens_out,
+            "cost_usd": float(run.cost_usd),
+            "duration_ms": run.duration_ms,
+        },
+    }
+    if detail:
+        out["parent"] = run.parent.run_id if run.parent else None
+        out["forks"] = list(
+            run.forks.order_by("id").values_list("run_id", flat=True)[:100]
+        )
+    return out
+
+
+class HeartbeatIn(Schema):
+    phase: str = Field("", max_length=64)
+    pid: int | None = Field(None, ge=0, lt=2**31)
+    host: str = Field("", max_length=255)
+
+
+@router.post("/runs/{run_id}/heartbeat", auth=project_auth, summary="Run heartbeat")
+def heartbeat(request: HttpRequest, run_id: str, payload: HeartbeatIn | None = None):
+    """A sign of life from a running agent. Creates the run if its events are still in flight."""
+    if not 0 < len(run_id) <= 128:
+        raise HttpError(400, "run_id: 1 to 128 characters")
+    payload = payload or HeartbeatIn()
+    run, _ = Run.objects.get_or_create(project=request.auth, run_id=run_id)
+    run.heartbeat(payload.phase, payload.pid, payload.host)
+    return {
+        "run_id": run.run_id,
+        "status": run.status,
+        "last_heartbeat": run.last_heartbeat,
+    }
+
+
+class RunFilters(Schema):
+    slug: str = ""
+    status: Run.Status | None = None
+    phase: str = ""
+    project: str = Field("", description="project slug (operators only)")
+    since: datetime | None = None
+    until: datetime | None = None
+    q: str = Field("", max_length=200, description="search in run id and slug")
+    cursor: int | None = Field(None, description="next_cursor of the previous page")
+    limit: int = Field(50, ge=1, le=1000)
+
+
+@router.get("/runs", auth=read_auth, summary="List runs, newest first")
+def list_runs(request: HttpRequest, filters: Query[RunFilters]):
+    runs = runs_for(request)
+    if filters.project and not isinstance(request.auth, Project):
+        runs = runs.filter(project__slug=filters.project)
+    if filters.slug:
+        runs = runs.filter(slug=filters.slug)
+    if filters.status:
+        runs = runs.filter(status=filters.status)
+    if filters.phase:
+        runs = runs.filter(phase=filters.phase)
+    if filters.since:
+        runs = runs.filter(started_at__gte=filters.since)
+    if filters.until:
+        runs = runs.filter(started_at__lt=filters.until)
+    if filters.q:
+        runs = runs.filter(run_id__icontains=filters.q) | runs.filter(
+            slug__icontains=filters.q
+        )
+    if filters.cursor:
+        runs = runs.filter(id__lt=filters.cursor)
+    page = list(runs.order_by("-id")[: filters.limit + 1])
+    more = len(page) > filters.limit
+    page = page[: filters.limit]
+    return {
+        "items": [run_json(run) for run in page],
+        "next_cursor": page[-1].id if more else None,
+    }
+
+
+@router.get(
+    "/runs/{run_id}", auth=read_auth, summary="One run with counters and lineage"
+)
+def run_detail(request: HttpRequest, run_id: str):
+    return run_json(get_run(request, run_id), detail=True)
+
+
+class EventFilters(Schema):
+    filter: str = Field(
+        "", max_length=200, description="event name prefix, e.g. `llm.`"
+    )
+    level: str = Field(
+        "", pattern="^(|debug|info|warn|error)$", description="minimum level"
+    )
+    after: int = Field(0, ge=0, description="only events with seq greater than this")
+    limit: int | None = Field(
+        None, ge=1, le=10000, description="page size (json: default 500)"
+    )
+    format: str = Field("json", pattern="^(json|jsonl)$")
+
+
+def _events(run: Run, f: EventFilters):
+    events = Event.objects.filter(run_id=run.pk, seq__gt=f.after)
+    if f.filter:
+        events = events.filter(event__startswith=f.filter)
+    if f.level:
+        events = events.filter(level__in=LEVEL_ORDER[LEVEL_ORDER.index(f.level) :])
+    return events.order_by("seq")
+
+
+def _jsonl(run: Run, f: EventFilters) -> Iterator[bytes]:
+    """Every matching event as a Gitoma record line, fetched in keyset pages."""
+    after, remaining = f.after, f.limit
+    columns = ("seq", "ts", "phase", "level", "event", "data")
+    while remaining is None or remaining > 0:
+        size = 2000 if remaining is None else min(2000, remaining)
+        page = list(_events(run, f).filter(seq__gt=after).values_list(*columns)[:size])
+        if not page:
+            return
+        chunk = []
+        for seq, ts, phase, level, event, data in page:
+            record = {
+                "ts": ts.isoformat(timespec="milliseconds"),
+                "slug": run.slug,
+                "phase": phase,
+                "level": level,
+                "event": event,
+                "data": data,
+            }
+            chunk.append(orjson.dumps(record))
+        yield b"\n".join(chunk) + b"\n"
+        after = page[-1][0]
+        if remaining is not None:
+            remaining -= len(page)
+
+
+@router.get("/runs/{run_id}/events", auth=read_auth, summary="A run's events in order")
+def run_events(request: HttpRequest, run_id: str, f: Query[EventFilters]):
+    """`format=jsonl` streams exactly the Gitoma record shape, one per line, for `jq`."""
+    run = get_run(request, run_id)
+    if f.format == "jsonl":
+        response = StreamingHttpResponse(
+            _jsonl(run, f), content_type="application/x-ndjson"
+        )
+        response["Content-Disposition"] = f'inline; filename="{run.pk}.jsonl"'
+        return response
+    limit = f.limit or 500
+    page = list(_events(run, f)[: limit + 1])
+    more = len(page) > limit
+    page = page[:limit]
+    items = [
+        {
+            "seq": e.seq,
+            "ts": e.ts,
+            "level": e.level,
+            "event": e.event,
+            "phase": e.phase,
+            "message": e.message,
+            "data": e.data,
+            "request_id": e.request_id,
+            "trace_id": e.trace_id,
+            "span_id": e.span_id,
+        }
+        for e in page
+    ]
+    return {
+        "run_id": run.run_id,
+        "status": run.status,
+        "items": items,
+        "next_after": page[-1].seq if more else None,
+        "last_seq": page[-1].seq if page else f.after,
+    }

@@ -1,0 +1,53 @@
+"""Retention: keep the newest N runs per slug and nothing older than the max age.
+
+Events have no database-level foreign key, so they are deleted explicitly, in
+chunks, before their runs: a prune never holds long locks on the hot table.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from runs.models import Project, Run
+
+CHUNK = 200
+
+
+def expired_run_ids(project: Project) -> list[int]:
+    """Runs past the project's policy: beyond the newest N of their slug, or too old."""
+    cutoff = timezone.now() - timedelta(days=project.retention_max_age_days)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT id FROM (
+                SELECT id, created,
+                       row_number() OVER (PARTITION BY slug ORDER BY id DESC) AS rank
+                FROM runs_run WHERE project_id = %s AND status <> 'running'
+            ) ranked
+            WHERE rank > %s OR created < %s
+            """,
+            [project.id, project.retention_runs_per_slug, cutoff],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def delete_runs(run_ids: list[int]) -> int:
+    deleted = 0
+    for start in range(0, len(run_ids), CHUNK):
+        chunk = run_ids[start : start + CHUNK]
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("DELETE FROM runs_event WHERE run_id = ANY(%s)", [chunk])
+            Run.objects.filter(parent_id__in=chunk).update(parent=None)
+            deleted += Run.objects.filter(id__in=chunk).delete()[1].get("runs.Run", 0)
+    return deleted
+
+
+def prune() -> dict[str, int]:
+    """Apply every project's retention policy now. Returns runs deleted per project slug."""
+    result = {}
+    for project in Project.objects.all():
+        result[project.slug] = delete_runs(expired_run_ids(project))
+    return result
