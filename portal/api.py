@@ -33,9 +33,7 @@ api = NinjaAPI(
 def unauthorized(request, exc):
     return api.create_response(
         request,
-        {
-            "detail": "missing or invalid token: send Authorization: Bearer <ingest token>"
-        },
+        {"detail": "missing or invalid token: send Authorization: Bearer <ingest token>"},
         status=401,
     )
 

@@ -153,7 +153,8 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# Only for deployments that run collectstatic; otherwise files come from static/.
+STATIC_ROOT = env_str("STATIC_ROOT") or None
 # Serve straight from static/ so no collectstatic step is needed to start.
 WHITENOISE_USE_FINDERS = True
 
@@ -203,9 +204,7 @@ SWEEP_PENDING_AFTER_SECONDS = env_int("SWEEP_PENDING_AFTER_SECONDS", 60, minimum
 # --- Logging ----------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-    raise ImproperlyConfigured(
-        f"LOG_LEVEL must be DEBUG/INFO/WARNING/ERROR, got {LOG_LEVEL!r}"
-    )
+    raise ImproperlyConfigured(f"LOG_LEVEL must be DEBUG/INFO/WARNING/ERROR, got {LOG_LEVEL!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

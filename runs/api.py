@@ -26,13 +26,7 @@ def runs_for(request: HttpRequest):
 
 
 def get_run(request: HttpRequest, run_id: str) -> Run:
-    run = (
-        runs_for(request)
-        .filter(run_id=run_id)
-        .select_related("parent")
-        .order_by("-id")
-        .first()
-    )
+    run = runs_for(request).filter(run_id=run_id).select_related("parent").order_by("-id").first()
     if run is None:
         raise Http404("run not found")
     return run
@@ -68,9 +62,7 @@ def run_json(run: Run, detail: bool = False) -> dict:
     }
     if detail:
         out["parent"] = run.parent.run_id if run.parent else None
-        out["forks"] = list(
-            run.forks.order_by("id").values_list("run_id", flat=True)[:100]
-        )
+        out["forks"] = list(run.forks.order_by("id").values_list("run_id", flat=True)[:100])
     return out
 
 
@@ -123,9 +115,7 @@ def list_runs(request: HttpRequest, filters: Query[RunFilters]):
     if filters.until:
         runs = runs.filter(started_at__lt=filters.until)
     if filters.q:
-        runs = runs.filter(run_id__icontains=filters.q) | runs.filter(
-            slug__icontains=filters.q
-        )
+        runs = runs.filter(run_id__icontains=filters.q) | runs.filter(slug__icontains=filters.q)
     if filters.cursor:
         runs = runs.filter(id__lt=filters.cursor)
     page = list(runs.order_by("-id")[: filters.limit + 1])
@@ -137,24 +127,16 @@ def list_runs(request: HttpRequest, filters: Query[RunFilters]):
     }
 
 
-@router.get(
-    "/runs/{run_id}", auth=read_auth, summary="One run with counters and lineage"
-)
+@router.get("/runs/{run_id}", auth=read_auth, summary="One run with counters and lineage")
 def run_detail(request: HttpRequest, run_id: str):
     return run_json(get_run(request, run_id), detail=True)
 
 
 class EventFilters(Schema):
-    filter: str = Field(
-        "", max_length=200, description="event name prefix, e.g. `llm.`"
-    )
-    level: str = Field(
-        "", pattern="^(|debug|info|warn|error)$", description="minimum level"
-    )
+    filter: str = Field("", max_length=200, description="event name prefix, e.g. `llm.`")
+    level: str = Field("", pattern="^(|debug|info|warn|error)$", description="minimum level")
     after: int = Field(0, ge=0, description="only events with seq greater than this")
-    limit: int | None = Field(
-        None, ge=1, le=10000, description="page size (json: default 500)"
-    )
+    limit: int | None = Field(None, ge=1, le=10000, description="page size (json: default 500)")
     format: str = Field("json", pattern="^(json|jsonl)$")
 
 
@@ -177,7 +159,7 @@ def _jsonl(run: Run, f: EventFilters) -> Iterator[bytes]:
         if not page:
             return
         chunk = []
-        for seq, ts, phase, level, event, data in page:
+        for _seq, ts, phase, level, event, data in page:
             record = {
                 "ts": ts.isoformat(timespec="milliseconds"),
                 "slug": run.slug,
@@ -198,9 +180,7 @@ def run_events(request: HttpRequest, run_id: str, f: Query[EventFilters]):
     """`format=jsonl` streams exactly the Gitoma record shape, one per line, for `jq`."""
     run = get_run(request, run_id)
     if f.format == "jsonl":
-        response = StreamingHttpResponse(
-            _jsonl(run, f), content_type="application/x-ndjson"
-        )
+        response = StreamingHttpResponse(_jsonl(run, f), content_type="application/x-ndjson")
         response["Content-Disposition"] = f'inline; filename="{run.pk}.jsonl"'
         return response
     limit = f.limit or 500

@@ -30,7 +30,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from runs.ids import uuid7
-from runs.models import TERMINAL_PHASES, Event, Project, Run
+from runs.models import TERMINAL_PHASES, Project, Run
 
 LEVELS = {
     "debug": "debug",
@@ -104,9 +104,7 @@ def read_body(stream, encoding: str, limit: int) -> bytes:
     elif encoding == "deflate":
         decompressor = zlib.decompressobj(32 + zlib.MAX_WBITS)  # zlib or gzip header
     else:
-        raise IngestError(
-            415, f"unsupported Content-Encoding {encoding!r}: use gzip or deflate"
-        )
+        raise IngestError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
 
     out = bytearray()
     raw_seen = 0
@@ -134,17 +132,11 @@ def read_body(stream, encoding: str, limit: int) -> bytes:
                     try:
                         out += decompressor.decompress(chunk, limit + 1)
                     except zlib.error:
-                        raise IngestError(
-                            400, "body is not valid deflate data"
-                        ) from None
+                        raise IngestError(400, "body is not valid deflate data") from None
                 else:
-                    raise IngestError(
-                        400, f"body is not valid {encoding} data"
-                    ) from None
+                    raise IngestError(400, f"body is not valid {encoding} data") from None
         if len(out) > limit:
-            raise IngestError(
-                413, f"body larger than {limit} bytes after decompression"
-            )
+            raise IngestError(413, f"body larger than {limit} bytes after decompression")
     if decompressor is not None and not decompressor.eof and out:
         raise IngestError(400, f"body is truncated {encoding} data")
     return bytes(out)
@@ -281,8 +273,7 @@ def _documents(body: bytes, max_line: int) -> Iterator[tuple[int, bytes | Any]]:
             raise IngestError(400, f"body is not a valid JSON array: {exc}") from None
         if not isinstance(items, list):
             raise IngestError(400, "body is not a valid JSON array")
-        for index, item in enumerate(items, 1):
-            yield index, item
+        yield from enumerate(items, 1)
         return
     for number, line in enumerate(body.split(b"\n"), 1):
         if len(line) > max_line:
@@ -313,9 +304,7 @@ def parse_body(
         except (LineError, ValueError, RecursionError) as exc:
             rejected += 1
             if len(errors) < max_errors:
-                message = (
-                    str(exc) if isinstance(exc, LineError) else f"invalid JSON: {exc}"
-                )
+                message = str(exc) if isinstance(exc, LineError) else f"invalid JSON: {exc}"
                 errors.append({"line": number, "error": message[:300]})
     return good, rejected, errors
 
@@ -336,7 +325,8 @@ class _Scrubber:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            value = value.encode("utf-8", "replace").decode("utf-8")
+            # Lone surrogates: PostgreSQL refuses them; show U+FFFD instead.
+            value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         if self.redact:
             value = _SECRET_VALUE.sub(_redact_match, value)
         if len(value) > limit:
@@ -357,11 +347,7 @@ class _Scrubber:
                     self.truncated = True
                     break
                 key = self.text(str(key), 200)
-                if (
-                    self.redact
-                    and _SECRET_KEY.match(key)
-                    and item not in (None, "", [], {})
-                ):
+                if self.redact and _SECRET_KEY.match(key) and item not in (None, "", [], {}):
                     out[key] = REDACTED
                 else:
                     out[key] = self.walk(item, depth + 1)
@@ -420,11 +406,7 @@ def _usage(data: dict) -> tuple[int, int, Decimal | None]:
         for source in (data, usage):
             for key in keys:
                 value = source.get(key)
-                if (
-                    isinstance(value, int)
-                    and not isinstance(value, bool)
-                    and value >= 0
-                ):
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                     return min(value, 2**40)
         return 0
 
@@ -493,11 +475,7 @@ class _RunState:
                 run.kind = kind[:64]
             if isinstance(data.get("tags"), list):
                 run.tags = [str(t)[:100] for t in data["tags"][:50]]
-            attrs = (
-                data.get("attributes")
-                if isinstance(data.get("attributes"), dict)
-                else {}
-            )
+            attrs = data.get("attributes") if isinstance(data.get("attributes"), dict) else {}
             for key in ("work_rig", "work_bead", "work_mol"):
                 if key in data:
                     attrs[key] = data[key]
@@ -507,9 +485,7 @@ class _RunState:
             run.status = Run.Status.RUNNING  # it spoke again: not dead after all
 
         if name == "phase.start":
-            phase = (
-                data.get("phase") if isinstance(data.get("phase"), str) else rec.phase
-            )
+            phase = data.get("phase") if isinstance(data.get("phase"), str) else rec.phase
             if phase:
                 run.phase = phase[:64]
         elif rec.phase:
@@ -517,9 +493,7 @@ class _RunState:
 
         exit_code = data.get("exit_code")
         exit_code = (
-            exit_code
-            if isinstance(exit_code, int) and -(2**31) <= exit_code < 2**31
-            else None
+            exit_code if isinstance(exit_code, int) and -(2**31) <= exit_code < 2**31 else None
         )
         if name == "run.exit_clean":
             run.exit_clean = True
@@ -568,9 +542,7 @@ def _resolve_runs(project: Project, records: list[Record]) -> dict[str, _RunStat
             existing = None
             if rec.event != "run.begin":
                 existing = (
-                    Run.objects.filter(
-                        project=project, slug=rec.slug, status=Run.Status.RUNNING
-                    )
+                    Run.objects.filter(project=project, slug=rec.slug, status=Run.Status.RUNNING)
                     .order_by("-id")
                     .values_list("run_id", flat=True)
                     .first()
@@ -695,9 +667,8 @@ def store_records(project: Project, pairs: list[tuple[bytes | None, Record]]) ->
         state.apply(rec)
     for state in states.values():
         state.counters()
-    with connection.cursor() as cursor:
-        with cursor.copy(COPY_EVENTS) as copy:
-            copy.write(copy_rows(records))
+    with connection.cursor() as cursor, cursor.copy(COPY_EVENTS) as copy:
+        copy.write(copy_rows(records))
     Run.objects.bulk_update([s.run for s in states.values()], RUN_FIELDS)
     return len(records)
 

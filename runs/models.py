@@ -8,7 +8,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.contrib.postgres.indexes import BrinIndex
 from django.db import models
-from django.db.models import F, Q
+from django.db.models import Q
 from django.db.models.functions import Greatest
 from django.utils import timezone
 from django.utils.text import slugify
@@ -54,9 +54,7 @@ class Project(models.Model):
         if not token:
             return None
         found = (
-            ProjectToken.objects.filter(
-                token_hash=_hash_token(token), revoked_at__isnull=True
-            )
+            ProjectToken.objects.filter(token_hash=_hash_token(token), revoked_at__isnull=True)
             .select_related("project")
             .first()
         )
@@ -90,9 +88,7 @@ class RunQuerySet(models.QuerySet):
             self.filter(status=Run.Status.RUNNING, exit_clean=False)
             .exclude(phase__in=TERMINAL_PHASES)
             .alias(alive_at=Greatest("last_heartbeat", "last_event_at", "started_at"))
-            .filter(
-                Q(alive_at__lt=cutoff) | Q(alive_at__isnull=True, created__lt=cutoff)
-            )
+            .filter(Q(alive_at__lt=cutoff) | Q(alive_at__isnull=True, created__lt=cutoff))
         )
 
     def mark_orphans(self, now: datetime | None = None) -> int:
@@ -113,9 +109,7 @@ class Run(models.Model):
     run_id = models.CharField(max_length=128)
     slug = models.CharField(max_length=200, blank=True)
     kind = models.CharField(max_length=64, blank=True)
-    status = models.CharField(
-        max_length=12, choices=Status.choices, default=Status.RUNNING
-    )
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.RUNNING)
     phase = models.CharField(max_length=64, blank=True)
     pid = models.IntegerField(null=True, blank=True)
     host = models.CharField(max_length=255, blank=True)
@@ -125,9 +119,7 @@ class Run(models.Model):
     last_event_at = models.DateTimeField(null=True, blank=True)
     exit_clean = models.BooleanField(default=False)
     exit_code = models.IntegerField(null=True, blank=True)
-    parent = models.ForeignKey(
-        "self", models.SET_NULL, null=True, blank=True, related_name="forks"
-    )
+    parent = models.ForeignKey("self", models.SET_NULL, null=True, blank=True, related_name="forks")
     tags = models.JSONField(default=list, blank=True)
     attributes = models.JSONField(default=dict, blank=True)
     # Denormalised counters, updated once per ingested batch.
@@ -145,9 +137,7 @@ class Run(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(
-                fields=["project", "run_id"], name="run_unique_per_project"
-            )
+            models.UniqueConstraint(fields=["project", "run_id"], name="run_unique_per_project")
         ]
         indexes = [
             models.Index(fields=["project", "slug", "-id"], name="run_project_slug"),
@@ -166,9 +156,7 @@ class Run(models.Model):
     def is_active(self) -> bool:
         return self.status == self.Status.RUNNING
 
-    def heartbeat(
-        self, phase: str = "", pid: int | None = None, host: str = ""
-    ) -> None:
+    def heartbeat(self, phase: str = "", pid: int | None = None, host: str = "") -> None:
         """A sign of life: refreshes the heartbeat and revives an orphaned run."""
         now = timezone.now()
         fields: dict = {"last_heartbeat": now}
@@ -179,9 +167,7 @@ class Run(models.Model):
         if host:
             fields["host"] = host[:255]
         Run.objects.filter(pk=self.pk).update(**fields)
-        Run.objects.filter(pk=self.pk, status=Run.Status.ORPHANED).update(
-            status=Run.Status.RUNNING
-        )
+        Run.objects.filter(pk=self.pk, status=Run.Status.ORPHANED).update(status=Run.Status.RUNNING)
         self.refresh_from_db()
 
     def finish(self, status: str, at: datetime, exit_code: int | None = None) -> None:
@@ -191,9 +177,7 @@ class Run(models.Model):
         if exit_code is not None:
             self.exit_code = exit_code
         if self.started_at:
-            self.duration_ms = max(
-                0, int((at - self.started_at).total_seconds() * 1000)
-            )
+            self.duration_ms = max(0, int((at - self.started_at).total_seconds() * 1000))
 
 
 class Event(models.Model):

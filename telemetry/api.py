@@ -7,7 +7,7 @@ import zlib
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.http import HttpRequest, JsonResponse
-from ninja import Router, Schema
+from ninja import Router, Schema, Status
 
 from portal.api import project_auth
 from runs.ingest import IngestError, parse_body, read_body
@@ -52,9 +52,7 @@ _NDJSON_BODY = {
         ),
         "content": {
             "application/x-ndjson": {"schema": {"type": "string"}},
-            "application/json": {
-                "schema": {"type": "array", "items": {"type": "object"}}
-            },
+            "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
         },
     }
 }
@@ -84,17 +82,13 @@ def ingest_events(request: HttpRequest, run_id: str = ""):
         return _error(400, "run_id: longer than 128 characters")
     content_type = request.content_type or "application/x-ndjson"
     if content_type not in EVENT_TYPES:
-        return _error(
-            415, f"unsupported Content-Type {content_type!r}: send application/x-ndjson"
-        )
+        return _error(415, f"unsupported Content-Type {content_type!r}: send application/x-ndjson")
 
     key = request.headers.get("Idempotency-Key", "").strip()[:200] or None
     if key:
-        earlier = IngestBatch.objects.filter(
-            project=project, idempotency_key=key
-        ).first()
+        earlier = IngestBatch.objects.filter(project=project, idempotency_key=key).first()
         if earlier is not None:
-            return 202, {**earlier.summary, "batch": earlier.id}
+            return Status(202, {**earlier.summary, "batch": earlier.id})
 
     try:
         body = read_body(
@@ -115,7 +109,7 @@ def ingest_events(request: HttpRequest, run_id: str = ""):
 
     summary = {"accepted": len(pairs), "rejected": rejected, "errors": errors}
     if not pairs:
-        return 400, {**summary, "batch": None}
+        return Status(400, {**summary, "batch": None})
     try:
         with transaction.atomic():
             batch = IngestBatch.objects.create(
@@ -130,5 +124,5 @@ def ingest_events(request: HttpRequest, run_id: str = ""):
     except IntegrityError:
         # The same Idempotency-Key raced us; the other request's batch stands.
         batch = IngestBatch.objects.get(project=project, idempotency_key=key)
-        return 202, {**batch.summary, "batch": batch.id}
-    return 202, {**summary, "batch": batch.id}
+        return Status(202, {**batch.summary, "batch": batch.id})
+    return Status(202, {**summary, "batch": batch.id})

@@ -10,20 +10,13 @@ from django.utils import timezone
 
 from runs.models import Project
 
-
 logger = logging.getLogger(__name__)
 
 
 class IngestBatchQuerySet(models.QuerySet):
-    def stale_pending(
-        self, older_than: int | None = None, limit: int = 1000
-    ) -> list[int]:
+    def stale_pending(self, older_than: int | None = None, limit: int = 1000) -> list[int]:
         """Ids of batches pending for longer than a worker should need."""
-        seconds = (
-            older_than
-            if older_than is not None
-            else settings.SWEEP_PENDING_AFTER_SECONDS
-        )
+        seconds = older_than if older_than is not None else settings.SWEEP_PENDING_AFTER_SECONDS
         cutoff = timezone.now() - timedelta(seconds=seconds)
         return list(
             self.filter(state=IngestBatch.State.PENDING, received_at__lt=cutoff)
@@ -99,8 +92,6 @@ class IngestBatch(models.Model):
             try:
                 process_batch.delay(self.id)
             except Exception:
-                logger.exception(
-                    "could not enqueue batch %s; the sweeper will retry", self.id
-                )
+                logger.exception("could not enqueue batch %s; the sweeper will retry", self.id)
 
         transaction.on_commit(send)

@@ -7,9 +7,7 @@ from django.core.management.base import BaseCommand
 
 
 class Command(BaseCommand):
-    help = (
-        "Make sure an admin user exists; print its generated password the first time."
-    )
+    help = "Make sure an admin user exists; print its generated password the first time."
 
     def handle(self, **options):
         User = get_user_model()
@@ -22,6 +20,4 @@ class Command(BaseCommand):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"admin\n{password}\n")
-        self.stdout.write(
-            f"Created admin user 'admin' with password: {password}\n(kept in {path})"
-        )
+        self.stdout.write(f"Created admin user 'admin' with password: {password}\n(kept in {path})")

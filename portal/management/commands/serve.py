@@ -21,9 +21,7 @@ class Command(BaseCommand):
     help = "Run web + worker + beat until Ctrl-C."
 
     def add_arguments(self, parser):
-        parser.add_argument(
-            "--port", type=int, default=int(os.environ.get("PORT", "8000"))
-        )
+        parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
         parser.add_argument("--web-workers", type=int, default=2)
 
     def handle(self, port: int, web_workers: int, **options):
@@ -72,9 +70,7 @@ class Command(BaseCommand):
             ],
         }
         procs = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}
-        self.stdout.write(
-            f"Runlens on http://127.0.0.1:{port}/ (Ctrl-C stops everything)"
-        )
+        self.stdout.write(f"Runlens on http://127.0.0.1:{port}/ (Ctrl-C stops everything)")
 
         stopping = False
 
@@ -89,9 +85,7 @@ class Command(BaseCommand):
             while not stopping:
                 for name, proc in procs.items():
                     if proc.poll() is not None:
-                        self.stderr.write(
-                            f"{name} exited with {proc.returncode}; stopping"
-                        )
+                        self.stderr.write(f"{name} exited with {proc.returncode}; stopping")
                         code, stopping = proc.returncode or 1, True
                 time.sleep(0.5)
         finally:

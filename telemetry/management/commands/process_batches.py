@@ -17,8 +17,6 @@ class Command(BaseCommand):
 
     def handle(self, older_than: int, **options):
         done = 0
-        for batch_id in IngestBatch.objects.stale_pending(
-            older_than=older_than, limit=100_000
-        ):
+        for batch_id in IngestBatch.objects.stale_pending(older_than=older_than, limit=100_000):
             done += process_batch(batch_id)
         self.stdout.write(f"{done} batch(es) processed")

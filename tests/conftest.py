@@ -1,0 +1,97 @@
+"""The small named world every test starts from.
+
+Two projects (ours and a stranger's), each with an ingest token, and an operator
+who can log in. Celery tasks run eagerly inside the test process unless a test
+asks for the real worker (tests/test_worker.py), so the code under test is the
+real ingest path on the real database, only without a broker hop.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from portal.celery import app as celery_app
+from runs.models import Project
+
+
+@pytest.fixture(autouse=True, scope="session")
+def eager_celery():
+    celery_app.conf.task_always_eager = True
+    celery_app.conf.task_eager_propagates = True
+    yield
+
+
+@pytest.fixture
+def project(db) -> Project:
+    return Project.objects.create(name="Acme agents", slug="acme")
+
+
+@pytest.fixture
+def token(project) -> str:
+    return project.create_token()
+
+
+@pytest.fixture
+def stranger(db) -> tuple[Project, str]:
+    other = Project.objects.create(name="Stranger", slug="stranger")
+    return other, other.create_token()
+
+
+@pytest.fixture
+def operator(db) -> User:
+    return User.objects.create_user("alice", password="correct horse battery")
+
+
+@pytest.fixture
+def operator_client(operator) -> Client:
+    client = Client()
+    client.force_login(operator)
+    return client
+
+
+def record(event: str, ts: str = "2026-04-21T05:12:34.123+00:00", **fields) -> dict:
+    """A Gitoma trace record with sensible defaults."""
+    return {
+        "ts": ts,
+        "slug": fields.pop("slug", "octocat__hello-world"),
+        "phase": fields.pop("phase", ""),
+        "level": fields.pop("level", "info"),
+        "event": event,
+        "data": fields.pop("data", {}),
+        **fields,
+    }
+
+
+def ndjson(*records: dict | str) -> bytes:
+    return b"".join((r if isinstance(r, str) else json.dumps(r)).encode() + b"\n" for r in records)
+
+
+@pytest.fixture
+def post_events(client, token, django_capture_on_commit_callbacks):
+    """POST a body to the ingest endpoint and let the (eager) worker process it."""
+
+    def post(
+        body: bytes,
+        *,
+        run_id: str = "",
+        gzip_it: bool = False,
+        auth: str | None = None,
+        content_type: str = "application/x-ndjson",
+        **headers,
+    ):
+        extra = {"HTTP_AUTHORIZATION": f"Bearer {token if auth is None else auth}"}
+        if gzip_it:
+            body = gzip.compress(body)
+            extra["HTTP_CONTENT_ENCODING"] = "gzip"
+        for name, value in headers.items():
+            extra["HTTP_" + name.upper().replace("-", "_")] = value
+        url = "/api/ingest/events" + (f"?run_id={run_id}" if run_id else "")
+        with django_capture_on_commit_callbacks(execute=True):
+            return client.post(url, body, content_type=content_type, **extra)
+
+    return post
