@@ -550,7 +550,9 @@ def _resolve_runs(project: Project, records: list[Record]) -> dict[str, _RunStat
             current[rec.slug] = existing or str(uuid7())
         rec.run_id = current[rec.slug]
 
-    wanted = {rec.run_id: rec for rec in records}  # the first record of each run
+    wanted: dict[str, Record] = {}  # the first record of each run names its slug
+    for rec in records:
+        wanted.setdefault(rec.run_id, rec)
     Run.objects.bulk_create(
         [
             Run(project=project, run_id=run_id, slug=rec.slug, started_at=rec.ts)

@@ -208,3 +208,16 @@ def test_a_stranger_token_cannot_touch_our_run(post_events, stranger):
     post_events(ndjson(record("a.c")), run_id="shared-name", auth=their_token)
     assert Run.objects.filter(run_id="shared-name").count() == 2
     assert all(r.events_count == 1 for r in Run.objects.all())
+
+
+def test_a_new_run_takes_its_slug_and_start_from_its_first_record(post_events):
+    post_events(
+        ndjson(
+            record("run.begin", slug="octo__first", ts="2026-04-21T05:00:00Z"),
+            record("run.exit_clean", slug="octo__other", ts="2026-04-21T05:01:00Z"),
+        ),
+        run_id="r",
+    )
+    run = Run.objects.get(run_id="r")
+    assert run.slug == "octo__first"
+    assert run.started_at.isoformat() == "2026-04-21T05:00:00+00:00"

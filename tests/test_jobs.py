@@ -1,0 +1,154 @@
+"""Background jobs: batch processing, the sweeper, orphan detection, retention."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from runs import ingest
+from runs.models import Event, Run
+from telemetry import tasks
+from telemetry.models import IngestBatch
+from tests.conftest import ndjson, record
+
+
+def spooled(client, token, body: bytes, run_id: str = "r") -> IngestBatch:
+    """Accept a request without running its on-commit hook: the batch stays pending."""
+    response = client.post(
+        f"/api/ingest/events?run_id={run_id}",
+        body,
+        content_type="application/x-ndjson",
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+    )
+    assert response.status_code == 202
+    return IngestBatch.objects.get(pk=response.json()["batch"])
+
+
+def test_a_batch_is_durable_before_the_answer_and_processed_later(client, token):
+    batch = spooled(client, token, ndjson(record("a.b"), record("a.c")))
+    assert batch.state == "pending"
+    assert not Event.objects.exists()
+    assert ingest.process_batch(batch.id) is True
+    batch.refresh_from_db()
+    assert (batch.state, batch.attempts) == ("done", 1)
+    assert Event.objects.count() == 2
+
+
+def test_processing_twice_stores_once(client, token):
+    batch = spooled(client, token, ndjson(record("a.b"), record("a.c")))
+    assert ingest.process_batch(batch.id) is True
+    assert ingest.process_batch(batch.id) is False
+    assert Event.objects.count() == 2
+    assert Run.objects.get().events_count == 2
+
+
+def test_a_worker_dying_before_commit_leaves_nothing_and_a_rerun_stores_once(
+    client, token, monkeypatch
+):
+    batch = spooled(client, token, ndjson(record("a.b"), record("a.c")))
+
+    def die(*args, **kwargs):
+        raise RuntimeError("worker killed")
+
+    # Fail after the COPY, inside the transaction: PostgreSQL rolls it all back.
+    monkeypatch.setattr(ingest.Run.objects, "bulk_update", die)
+    with pytest.raises(RuntimeError):
+        ingest.process_batch(batch.id)
+    assert not Event.objects.exists()
+    batch.refresh_from_db()
+    assert (batch.state, batch.attempts) == ("pending", 1)
+    assert "worker killed" in batch.error
+
+    monkeypatch.undo()
+    assert ingest.process_batch(batch.id) is True
+    assert Event.objects.count() == 2
+    assert Run.objects.get().events_count == 2
+
+
+def test_a_batch_that_keeps_failing_is_marked_failed_and_kept(client, token, monkeypatch):
+    batch = spooled(client, token, ndjson(record("a.b")))
+    monkeypatch.setattr(ingest, "store_records", lambda *a: 1 / 0)
+    for _ in range(ingest.MAX_ATTEMPTS):
+        with pytest.raises(ZeroDivisionError):
+            ingest.process_batch(batch.id)
+    batch.refresh_from_db()
+    assert batch.state == "failed"
+    assert batch.body  # the raw body stays for a later re-run
+
+
+def test_the_sweeper_reenqueues_batches_left_pending(client, token):
+    fresh = spooled(client, token, ndjson(record("a.b")), run_id="fresh")
+    stale = spooled(client, token, ndjson(record("a.c")), run_id="stale")
+    IngestBatch.objects.filter(pk=stale.pk).update(
+        received_at=timezone.now() - timedelta(minutes=5)
+    )
+    assert tasks.sweep_pending() == 1  # eager: processed right away
+    assert IngestBatch.objects.get(pk=stale.pk).state == "done"
+    assert IngestBatch.objects.get(pk=fresh.pk).state == "pending"
+    call_command("process_batches")
+    assert IngestBatch.objects.get(pk=fresh.pk).state == "done"
+
+
+# --- Orphans ------------------------------------------------------------------
+
+
+def make_run(project, run_id: str, **fields) -> Run:
+    fields.setdefault("phase", "WORKING")
+    return Run.objects.create(project=project, run_id=run_id, **fields)
+
+
+def test_a_silent_run_in_a_working_phase_becomes_orphaned(project):
+    now = timezone.now()
+    make_run(project, "silent", last_heartbeat=now - timedelta(seconds=91))
+    make_run(project, "alive", last_heartbeat=now - timedelta(seconds=30))
+    make_run(
+        project,
+        "chatty",
+        last_heartbeat=now - timedelta(minutes=10),
+        last_event_at=now - timedelta(seconds=5),
+    )
+    make_run(project, "clean", exit_clean=True, last_heartbeat=now - timedelta(hours=1))
+    make_run(project, "done", phase="DONE", last_heartbeat=now - timedelta(hours=1))
+    make_run(project, "finished", status="succeeded", last_heartbeat=now - timedelta(hours=1))
+    assert Run.objects.mark_orphans() == 1
+    assert list(Run.objects.filter(status="orphaned").values_list("run_id", flat=True)) == [
+        "silent"
+    ]
+    assert Run.objects.mark_orphans() == 0  # idempotent
+
+
+def test_a_run_that_never_spoke_is_orphaned_after_the_grace_period(project):
+    make_run(project, "mute", created=timezone.now() - timedelta(minutes=5))
+    call_command("detect_orphans")
+    assert Run.objects.get(run_id="mute").status == "orphaned"
+
+
+# --- Retention ----------------------------------------------------------------
+
+
+def test_retention_keeps_the_newest_runs_per_slug_and_their_events(project, post_events):
+    project.retention_runs_per_slug = 3
+    project.save()
+    for i in range(5):
+        post_events(
+            ndjson(record("run.begin", slug="o__a"), record("run.exit_clean")), run_id=f"a{i}"
+        )
+    post_events(ndjson(record("run.begin", slug="o__b"), record("run.exit_clean")), run_id="b0")
+    post_events(ndjson(record("run.begin", slug="o__a")), run_id="a-live")
+    call_command("prune")
+    kept = set(Run.objects.values_list("run_id", flat=True))
+    assert kept == {"a2", "a3", "a4", "b0", "a-live"}
+    assert Event.objects.count() == 2 * 4 + 1
+    assert set(Event.objects.values_list("run__run_id", flat=True)) == kept
+
+
+def test_retention_drops_runs_older_than_the_max_age(project, post_events):
+    post_events(ndjson(record("run.begin"), record("run.exit_clean")), run_id="old")
+    post_events(ndjson(record("run.begin"), record("run.exit_clean")), run_id="new")
+    Run.objects.filter(run_id="old").update(created=timezone.now() - timedelta(days=31))
+    call_command("prune")
+    assert list(Run.objects.values_list("run_id", flat=True)) == ["new"]
+    assert Event.objects.count() == 2

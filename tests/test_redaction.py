@@ -1,0 +1,57 @@
+"""Secrets never reach the database (SPEC §3)."""
+
+from __future__ import annotations
+
+import json
+
+from runs.models import Event
+from tests.conftest import ndjson, record
+
+
+def stored(post_events, **fields) -> Event:
+    post_events(ndjson(record("a.b", **fields)), run_id="r")
+    return Event.objects.get()
+
+
+def test_secret_keys_are_redacted_at_any_depth(post_events):
+    event = stored(
+        post_events,
+        data={
+            "password": "hunter2",
+            "github_token": "ghp_x",
+            "nested": {"api_key": "k", "Authorization": "Bearer abc", "client_secret": "s"},
+            "list": [{"private_key": "-----BEGIN"}, {"credentials": {"user": "u"}}],
+            "tokens_in": 12,
+            "max_tokens": 400,
+        },
+    )
+    data = event.data
+    assert data["password"] == data["github_token"] == "[redacted]"
+    assert data["nested"] == {
+        "api_key": "[redacted]",
+        "Authorization": "[redacted]",
+        "client_secret": "[redacted]",
+    }
+    assert data["list"] == [{"private_key": "[redacted]"}, {"credentials": "[redacted]"}]
+    assert (data["tokens_in"], data["max_tokens"]) == (12, 400)
+
+
+def test_secrets_inside_strings_are_redacted(post_events):
+    event = stored(
+        post_events,
+        message="cloning https://octocat:s3cret@github.com/o/r.git with Bearer eyJhbGciOi.x.y",
+        data={
+            "cmd": "curl -H 'Authorization: Bearer abc.def' https://api",
+            "out": "token ghp_" + "a" * 36 + " and sk-" + "b" * 40,
+        },
+    )
+    text = event.message + json.dumps(event.data)
+    for secret in ("s3cret", "eyJhbGciOi", "abc.def", "a" * 36, "b" * 40):
+        assert secret not in text
+    assert "https://[redacted]@github.com/o/r.git" in event.message
+    assert "Bearer [redacted]" in event.message
+
+
+def test_ordinary_data_is_left_alone(post_events):
+    data = {"sha": "a1b2c3d", "files": ["README.md"], "url": "https://github.com/o/r"}
+    assert stored(post_events, data=data).data == data
