@@ -25,9 +25,10 @@ def test_it_lists_runs_newest_first_with_keyset_pages(client, token, post_events
 def test_it_filters_runs(client, token, post_events):
     post_events(ndjson(record("run.begin", slug="a__x"), record("run.exit_clean")), run_id="done")
     post_events(ndjson(record("run.begin", slug="a__y", phase="WORKING")), run_id="live")
-    get = lambda q: [
-        r["run_id"] for r in client.get(f"/api/runs?{q}", **auth(token)).json()["items"]
-    ]  # noqa: E731
+
+    def get(q):
+        return [r["run_id"] for r in client.get(f"/api/runs?{q}", **auth(token)).json()["items"]]
+
     assert get("status=succeeded") == ["done"]
     assert get("status=running") == ["live"]
     assert get("slug=a__y") == ["live"]
