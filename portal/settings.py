@@ -95,6 +95,9 @@ if not DATABASE_URL:
 
     DATABASE_URL = embedded_database_url(VAR_DIR / "pgdata")
 DATABASES = {"default": parse_database_url(DATABASE_URL)}
+if env_str("TEST_DATABASE_NAME"):
+    # Lets two test runs share one server without dropping each other's database.
+    DATABASES["default"]["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 INSTALLED_APPS = [

@@ -20,13 +20,22 @@ def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def default_runs_per_slug() -> int:
+    return settings.RETENTION_RUNS_PER_SLUG
+
+
+def default_max_age_days() -> int:
+    return settings.RETENTION_MAX_AGE_DAYS
+
+
 class Project(models.Model):
     name = models.CharField(max_length=100)
     slug = models.SlugField(max_length=100, unique=True)
     public_key = models.CharField(max_length=32, unique=True, editable=False)
     allowed_origins = models.TextField(blank=True, help_text="One origin per line.")
-    retention_runs_per_slug = models.PositiveIntegerField(default=20)
-    retention_max_age_days = models.PositiveIntegerField(default=30)
+    # New projects take the installation's defaults (RETENTION_* settings).
+    retention_runs_per_slug = models.PositiveIntegerField(default=default_runs_per_slug)
+    retention_max_age_days = models.PositiveIntegerField(default=default_max_age_days)
     created = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:
