@@ -71,6 +71,7 @@ _SECRET_VALUE = re.compile(
     r"|\bsk-[A-Za-z0-9_\-]{20,}"
 )
 _UNSAFE_HINT = (b"\\u0000", b"\\ud", b"\\uD")
+_BIG_INT = re.compile(rb"\d{20}")
 
 
 class IngestError(Exception):
@@ -269,7 +270,7 @@ def _documents(body: bytes, max_line: int) -> Iterator[tuple[int, bytes | Any]]:
     if stripped[:1] == b"[":
         try:
             items = _loads(stripped)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise IngestError(400, f"body is not a valid JSON array: {exc}") from None
         if not isinstance(items, list):
             raise IngestError(400, "body is not a valid JSON array")
@@ -362,6 +363,10 @@ class _Scrubber:
             return [self.walk(item, depth + 1) for item in value]
         if isinstance(value, float) and value != value:  # NaN is not JSON
             return None
+        if isinstance(value, int) and not -(2**63) <= value < 2**64:
+            # The stdlib parser keeps huge integers exact; orjson cannot write them.
+            self.truncated = True
+            return str(value)[:64] + ELLIPSIS
         return value
 
 
@@ -376,10 +381,17 @@ def _redact_match(match: re.Match) -> str:
 def scrub(raw: bytes | None, record: Record) -> None:
     """Make a record safe for PostgreSQL and free of secrets, walking only when needed."""
     if raw is None:  # from a JSON array: no raw line to test cheaply
-        raw = orjson.dumps({"d": record.data, "m": record.message}, default=str)
+        try:
+            raw = orjson.dumps({"d": record.data, "m": record.message}, default=str)
+        except TypeError:  # an integer orjson cannot write: walk to fix it
+            raw = _UNSAFE_HINT[0]
     redact = bool(_KEY_HINT.search(raw) or _VALUE_HINT.search(raw))
     deep = raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
-    unsafe = any(hint in raw for hint in _UNSAFE_HINT) or b"\xef\xbf\xbd" in raw
+    unsafe = (
+        any(hint in raw for hint in _UNSAFE_HINT)
+        or b"\xef\xbf\xbd" in raw
+        or _BIG_INT.search(raw) is not None
+    )
     if redact or deep or unsafe or len(raw) > MAX_STRING:
         scrubber = _Scrubber(redact)
         record.data = scrubber.walk(record.data, 0)
