@@ -447,10 +447,12 @@ class _RunState:
         "tokens_in",
         "tokens_out",
         "cost",
+        "parent_ref",
     )
 
     def __init__(self, run: Run):
         self.run = run
+        self.parent_ref = ""  # run_id of the run this one was forked from
         self.events = self.errors = self.warnings = self.tokens_in = self.tokens_out = 0
         self.cost = Decimal(0)
 
@@ -493,6 +495,9 @@ class _RunState:
                     attrs[key] = data[key]
             if attrs:
                 run.attributes = {**run.attributes, **attrs}
+            parent = data.get("parent_run_id")
+            if isinstance(parent, str) and 0 < len(parent) <= 128:
+                self.parent_ref = parent
         elif run.status == Run.Status.ORPHANED:
             run.status = Run.Status.RUNNING  # it spoke again: not dead after all
 
@@ -584,6 +589,18 @@ def _resolve_runs(project: Project, records: list[Record]) -> dict[str, _RunStat
     return states
 
 
+def _link_parents(project: Project, states: dict[str, _RunState]) -> None:
+    """Fork lineage: `run.begin` may name the run it was forked from (same project)."""
+    refs = {s.parent_ref for s in states.values() if s.parent_ref}
+    if not refs:
+        return
+    parents = dict(Run.objects.filter(project=project, run_id__in=refs).values_list("run_id", "id"))
+    for state in states.values():
+        parent_id = parents.get(state.parent_ref)
+        if parent_id and parent_id != state.run.pk:
+            state.run.parent_id = parent_id
+
+
 def _copy_text(value: str) -> str:
     if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
         value = (
@@ -636,6 +653,7 @@ def copy_rows(records: list[Record]) -> bytes:
 
 RUN_FIELDS = [
     "slug",
+    "parent",
     "kind",
     "status",
     "phase",
@@ -681,6 +699,7 @@ def store_records(project: Project, pairs: list[tuple[bytes | None, Record]]) ->
         state.apply(rec)
     for state in states.values():
         state.counters()
+    _link_parents(project, states)
     with connection.cursor() as cursor, cursor.copy(COPY_EVENTS) as copy:
         copy.write(copy_rows(records))
     Run.objects.bulk_update([s.run for s in states.values()], RUN_FIELDS)

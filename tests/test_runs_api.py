@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 
-from runs.models import Run
 from tests.conftest import ndjson, record
 
 
@@ -84,7 +83,6 @@ def test_run_detail_has_counters_and_lineage(client, token, post_events):
         ),
         run_id="child",
     )
-    Run.objects.filter(run_id="child").update(parent=Run.objects.get(run_id="parent"))
     child = client.get("/api/runs/child", **auth(token)).json()
     assert child["parent"] == "parent"
     assert child["counters"]["events"] == 4
