@@ -36,3 +36,9 @@ class RunAdmin(admin.ModelAdmin):
     search_fields = ("run_id", "slug")
     raw_id_fields = ("parent",)
     list_select_related = ("project",)
+    actions = ["reset_orphaned"]
+
+    @admin.action(description="Reset orphaned runs (mark cancelled)")
+    def reset_orphaned(self, request, queryset):
+        count = queryset.filter(status=Run.Status.ORPHANED).update(status=Run.Status.CANCELLED)
+        self.message_user(request, f"{count} orphaned run(s) marked cancelled.")

@@ -90,3 +90,20 @@ def test_responses_carry_a_request_id(client):
     assert client.get("/api/openapi.json", HTTP_X_REQUEST_ID="<script>")["X-Request-ID"] != (
         "<script>"
     )
+
+
+def test_the_admin_resets_orphaned_runs_to_cancelled(project, client):
+    from runs.models import Run
+
+    admin = User.objects.create_superuser("root", "", "pw-123456789")
+    client.force_login(admin)
+    orphan = Run.objects.create(project=project, run_id="o", status="orphaned")
+    live = Run.objects.create(project=project, run_id="l", status="running")
+    response = client.post(
+        "/admin/runs/run/",
+        {"action": "reset_orphaned", "_selected_action": [orphan.pk, live.pk]},
+    )
+    assert response.status_code == 302
+    assert Run.objects.get(pk=orphan.pk).status == "cancelled"
+    assert Run.objects.get(pk=live.pk).status == "running"
+    assert client.get("/admin/runs/run/?status__exact=orphaned").status_code == 200
