@@ -107,3 +107,13 @@ def test_the_admin_resets_orphaned_runs_to_cancelled(project, client):
     assert Run.objects.get(pk=orphan.pk).status == "cancelled"
     assert Run.objects.get(pk=live.pk).status == "running"
     assert client.get("/admin/runs/run/?status__exact=orphaned").status_code == 200
+
+
+def test_pages_carry_a_strict_content_security_policy(client):
+    response = client.get("/login/")
+    assert response.status_code == 200
+    policy = response["Content-Security-Policy"]
+    assert "script-src 'self';" in policy and "unsafe" not in policy
+    assert "frame-ancestors 'none'" in policy
+    assert b'"allowEval": false' in response.content
+    assert client.get("/static/vendor/htmx-2.0.11.min.js").status_code == 200
