@@ -6,12 +6,21 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import orjson
+from django.conf import settings
 from django.http import Http404, HttpRequest, StreamingHttpResponse
-from ninja import Field, Query, Router, Schema
+from ninja import Field, Query, Router, Schema, Status
 from ninja.errors import HttpError
 
 from portal.api import project_auth, read_auth
-from runs.models import Event, Project, Run
+from runs.ingest import IngestError, read_body
+from runs.models import (
+    Artifact,
+    Event,
+    Project,
+    Run,
+    artifact_content_type,
+    clean_artifact_name,
+)
 
 router = Router(tags=["runs"])
 
@@ -63,6 +72,9 @@ def run_json(run: Run, detail: bool = False) -> dict:
     if detail:
         out["parent"] = run.parent.run_id if run.parent else None
         out["forks"] = list(run.forks.order_by("id").values_list("run_id", flat=True)[:100])
+        out["artifacts"] = list(
+            run.artifacts.listing().values("name", "size", "content_type", "sha256")
+        )
     return out
 
 
@@ -149,7 +161,7 @@ def _events(run: Run, f: EventFilters):
     return events.order_by("seq")
 
 
-def _jsonl(run: Run, f: EventFilters) -> Iterator[bytes]:
+def event_lines(run: Run, f: EventFilters) -> Iterator[bytes]:
     """Every matching event as a Gitoma record line, fetched in keyset pages."""
     after, remaining = f.after, f.limit
     columns = ("seq", "ts", "phase", "level", "event", "data")
@@ -180,7 +192,7 @@ def run_events(request: HttpRequest, run_id: str, f: Query[EventFilters]):
     """`format=jsonl` streams exactly the Gitoma record shape, one per line, for `jq`."""
     run = get_run(request, run_id)
     if f.format == "jsonl":
-        response = StreamingHttpResponse(_jsonl(run, f), content_type="application/x-ndjson")
+        response = StreamingHttpResponse(event_lines(run, f), content_type="application/x-ndjson")
         response["Content-Disposition"] = f'inline; filename="{run.pk}.jsonl"'
         return response
     limit = f.limit or 500
@@ -209,3 +221,72 @@ def run_events(request: HttpRequest, run_id: str, f: Query[EventFilters]):
         "next_after": page[-1].seq if more else None,
         "last_seq": page[-1].seq if page else f.after,
     }
+
+
+class ArtifactOut(Schema):
+    run_id: str
+    name: str
+    size: int
+    content_type: str
+    sha256: str
+
+
+class DetailOut(Schema):
+    detail: str
+
+
+_RAW_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "The file's bytes as they are. `Content-Type` is recorded (guessed from the "
+            "name when absent); `Content-Encoding: gzip` or `deflate` is decompressed first."
+        ),
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.put(
+    "/runs/{run_id}/artifacts/{name}",
+    auth=project_auth,
+    response={201: ArtifactOut, 400: DetailOut, 413: DetailOut, 415: DetailOut},
+    openapi_extra=_RAW_BODY,
+    summary="Store a run artifact",
+)
+def put_artifact(request: HttpRequest, run_id: str, name: str):
+    """Store a named file of a run (`diff.patch`, `summary.md`…); a second PUT replaces it.
+
+    Limited to ARTIFACT_MAX_BYTES after decompression (413). Like the heartbeat, it
+    creates the run when its events are still on their way.
+    """
+    if not 0 < len(run_id) <= 128:
+        raise HttpError(400, "run_id: 1 to 128 characters")
+    try:
+        name = clean_artifact_name(name)
+    except ValueError as exc:
+        raise HttpError(400, str(exc)) from None
+    limit = settings.ARTIFACT_MAX_BYTES
+    declared = request.headers.get("Content-Length", "")
+    encoding = request.headers.get("Content-Encoding", "")
+    if declared.isdigit() and int(declared) > limit and not encoding:
+        raise HttpError(413, f"artifact larger than {limit} bytes")  # refused unread
+    try:
+        # Streamed from the socket: Django's DATA_UPLOAD_MAX_MEMORY_SIZE must not decide.
+        content = read_body(request, encoding, limit)
+    except IngestError as exc:
+        detail = exc.message.replace("body", "artifact")
+        raise HttpError(exc.status, detail) from None
+    ctype = artifact_content_type(request.headers.get("Content-Type", ""), name)
+    run, _ = Run.objects.get_or_create(project=request.auth, run_id=run_id)
+    artifact = Artifact.store(run, name, content, ctype)
+    return Status(
+        201,
+        {
+            "run_id": run.run_id,
+            "name": artifact.name,
+            "size": artifact.size,
+            "content_type": artifact.content_type,
+            "sha256": artifact.sha256,
+        },
+    )

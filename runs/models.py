@@ -1,19 +1,26 @@
 from __future__ import annotations
 
+import difflib
 import hashlib
+import mimetypes
+import os
+import re
 import secrets
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
 from django.contrib.postgres.indexes import BrinIndex
 from django.db import models
-from django.db.models import Q
-from django.db.models.functions import Greatest
+from django.db.models import Case, Count, F, Func, Q, Value, When
+from django.db.models.functions import Concat, Greatest
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
 TERMINAL_PHASES = frozenset({"DONE", "FAILED"})
+LEVELS = ("debug", "info", "warn", "error")  # in order: a level filter is a minimum
 
 
 def _hash_token(token: str) -> str:
@@ -100,6 +107,14 @@ class RunQuerySet(models.QuerySet):
             .filter(Q(alive_at__lt=cutoff) | Q(alive_at__isnull=True, created__lt=cutoff))
         )
 
+    def orphans(self, now: datetime | None = None) -> RunQuerySet:
+        """Runs an operator must look at: marked orphaned, or silent enough to be marked soon.
+
+        The second half covers the up to 30 s until beat's next `mark_orphans`.
+        """
+        candidates = self.orphan_candidates(now).values("pk")
+        return self.filter(Q(status=Run.Status.ORPHANED) | Q(pk__in=candidates))
+
     def mark_orphans(self, now: datetime | None = None) -> int:
         # One conditional UPDATE: two beat ticks or two workers never flip a run twice.
         return self.orphan_candidates(now).update(status=Run.Status.ORPHANED)
@@ -151,6 +166,8 @@ class Run(models.Model):
         indexes = [
             models.Index(fields=["project", "slug", "-id"], name="run_project_slug"),
             models.Index(fields=["slug", "-id"], name="run_slug"),
+            # Pages and the read API look a run up by run_id alone (any project).
+            models.Index(fields=["run_id"], name="run_run_id"),
             models.Index(
                 fields=["status"],
                 name="run_active",
@@ -161,9 +178,48 @@ class Run(models.Model):
     def __str__(self) -> str:
         return f"{self.slug or '-'} {self.run_id}"
 
+    def get_absolute_url(self) -> str:
+        return reverse("runs:detail", args=[self.run_id])
+
     @property
     def is_active(self) -> bool:
         return self.status == self.Status.RUNNING
+
+    @property
+    def last_seen_at(self) -> datetime | None:
+        """The newest sign of life: a heartbeat or an event (what `doctor --runs` shows)."""
+        seen = [t for t in (self.last_heartbeat, self.last_event_at) if t]
+        return max(seen) if seen else None
+
+    def elapsed_ms(self, now: datetime | None = None) -> int | None:
+        """The final duration, or how long a still running run has been going."""
+        if self.duration_ms is not None:
+            return self.duration_ms
+        if self.started_at is None or self.finished_at is not None:
+            return None
+        return max(0, int(((now or timezone.now()) - self.started_at).total_seconds() * 1000))
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_in + self.tokens_out
+
+    def phases(self) -> list[PhaseSpan]:
+        """Phases in order with durations, from `phase.start` events.
+
+        A phase lasts until the next one starts; the last until the run finished
+        (or its newest event while it runs). A phase entered twice appears twice.
+        """
+        starts = Event.objects.filter(run_id=self.pk, event="phase.start").order_by("seq")
+        spans: list[PhaseSpan] = []
+        for ts, phase, data in starts.values_list("ts", "phase", "data"):
+            name = data.get("phase") if isinstance(data.get("phase"), str) else phase
+            spans.append(PhaseSpan(name or "?", ts))
+        end = self.finished_at or self.last_event_at
+        for i, span in enumerate(spans):
+            until = spans[i + 1].started_at if i + 1 < len(spans) else end
+            if until is not None and until >= span.started_at:
+                span.duration_ms = int((until - span.started_at).total_seconds() * 1000)
+        return spans
 
     def heartbeat(self, phase: str = "", pid: int | None = None, host: str = "") -> None:
         """A sign of life: refreshes the heartbeat and revives an orphaned run."""
@@ -187,6 +243,46 @@ class Run(models.Model):
             self.exit_code = exit_code
         if self.started_at:
             self.duration_ms = max(0, int((at - self.started_at).total_seconds() * 1000))
+
+
+@dataclass
+class PhaseSpan:
+    name: str
+    started_at: datetime
+    duration_ms: int | None = None
+
+
+class EventQuerySet(models.QuerySet):
+    def timeline(self, run: Run, prefix: str = "", level: str = "") -> EventQuerySet:
+        """One run's events in order, narrowed by a name prefix and a minimum level."""
+        events = self.filter(run_id=run.pk)
+        if prefix:
+            events = events.filter(event__startswith=prefix)
+        if level in LEVELS[1:]:
+            events = events.filter(level__in=LEVELS[LEVELS.index(level) :])
+        return events.order_by("seq")
+
+    def namespaces(self, run: Run, limit: int = 30) -> list[tuple[str, int]]:
+        """The run's own event namespaces (`llm.`, `phase.`…) with counts, most used first.
+
+        A dotless name is its own namespace. One GROUP BY over the run's rows.
+        """
+        first_part = Func(
+            F("event"), Value("."), Value(1), function="split_part", output_field=models.TextField()
+        )
+        prefix = Case(
+            When(event__contains=".", then=Concat(first_part, Value("."))),
+            default=F("event"),
+            output_field=models.TextField(),
+        )
+        rows = (
+            self.filter(run_id=run.pk)
+            .annotate(prefix=prefix)
+            .values("prefix")
+            .annotate(n=Count("id"))
+            .order_by("-n", "prefix")[:limit]
+        )
+        return [(row["prefix"], row["n"]) for row in rows]
 
 
 class Event(models.Model):
@@ -216,6 +312,8 @@ class Event(models.Model):
     trace_id = models.CharField(max_length=64, blank=True)
     span_id = models.CharField(max_length=32, blank=True)
 
+    objects = EventQuerySet.as_manager()
+
     class Meta:
         indexes = [
             models.Index(fields=["run", "seq"], name="event_run_seq"),
@@ -235,3 +333,270 @@ class Event(models.Model):
             "event": self.event,
             "data": self.data,
         }
+
+
+# --- Artifacts ----------------------------------------------------------------
+
+# Shown inline when the content type or the name says text (and it decodes as UTF-8).
+TEXT_TYPES = frozenset(
+    {
+        "application/json",
+        "application/x-ndjson",
+        "application/jsonl",
+        "application/xml",
+        "application/yaml",
+        "application/x-yaml",
+        "application/toml",
+        "application/javascript",
+        "application/x-sh",
+        "application/sql",
+    }
+)
+TEXT_SUFFIXES = frozenset(
+    (  # noqa: SIM905 (a word list reads better as one string)
+        ".txt .md .markdown .log .json .jsonl .ndjson .yaml .yml .toml .ini .cfg .csv .tsv"
+        " .patch .diff .py .js .ts .sh .sql .html .xml .rst .out .err"
+    ).split()
+)
+DIFF_SUFFIXES = (".patch", ".diff")
+DIFF_TYPES = frozenset({"text/x-diff", "text/x-patch", "text/diff"})
+_MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$")
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def clean_artifact_name(name: str) -> str:
+    """An artifact name is one path segment: no slashes, control characters or dot names."""
+    if not 0 < len(name) <= 255 or _BAD_NAME.search(name) or name in (".", ".."):
+        raise ValueError(
+            "name: 1 to 255 characters, no slashes or control characters, not '.' or '..'"
+        )
+    return name
+
+
+def artifact_content_type(header: str, name: str) -> str:
+    """The media type a client sent (parameters dropped), else a guess from the name."""
+    media_type = header.split(";", 1)[0].strip().lower()
+    if _MEDIA_TYPE.match(media_type) and media_type != "application/octet-stream":
+        return media_type
+    guessed, _ = mimetypes.guess_type(name, strict=False)
+    return guessed or "application/octet-stream"
+
+
+class ArtifactQuerySet(models.QuerySet):
+    def listing(self) -> ArtifactQuerySet:
+        """Everything but the bytes: lists never load the files themselves."""
+        return self.defer("content").order_by("name")
+
+
+class Artifact(models.Model):
+    """A named file of a run (`diff.patch`, `prompt.txt`…), kept in PostgreSQL as bytes."""
+
+    run = models.ForeignKey(Run, models.CASCADE, related_name="artifacts")
+    name = models.CharField(max_length=255)
+    content_type = models.CharField(max_length=255, default="application/octet-stream")
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    content = models.BinaryField()
+    created = models.DateTimeField(default=timezone.now)
+
+    objects = ArtifactQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "name"], name="artifact_unique_per_run")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def store(cls, run: Run, name: str, content: bytes, content_type: str) -> Artifact:
+        """Create or replace the run's artifact of that name (a PUT is idempotent)."""
+        artifact, _ = cls.objects.update_or_create(
+            run=run,
+            name=name,
+            defaults={
+                "content": content,
+                "content_type": content_type,
+                "size": len(content),
+                "sha256": hashlib.sha256(content).hexdigest(),
+                "created": timezone.now(),
+            },
+        )
+        return artifact
+
+    @property
+    def is_diff(self) -> bool:
+        return self.name.lower().endswith(DIFF_SUFFIXES) or self.content_type in DIFF_TYPES
+
+    @property
+    def is_text(self) -> bool:
+        ctype = self.content_type
+        return (
+            ctype.startswith("text/")
+            or ctype in TEXT_TYPES
+            or ctype.endswith(("+json", "+xml"))
+            or os.path.splitext(self.name.lower())[1] in TEXT_SUFFIXES
+        )
+
+    def text(self) -> str | None:
+        """The content as text, or None when it is binary after all (not UTF-8, or NUL bytes)."""
+        data = bytes(self.content)
+        if b"\x00" in data[:8192]:
+            return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def diff(self) -> Diff | None:
+        text = self.text()
+        return parse_unified_diff(text) if text is not None else None
+
+
+# --- Unified diffs, as git and diff -u write them -------------------------------
+
+MAX_DIFF_LINES = 20_000
+_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@ ?(.*)$")
+
+
+@dataclass
+class DiffLine:
+    kind: str  # "context", "add", "del" or "note" (`\ No newline at end of file`)
+    text: str
+    old_no: int | None = None
+    new_no: int | None = None
+
+
+@dataclass
+class DiffHunk:
+    header: str
+    section: str
+    lines: list[DiffLine] = field(default_factory=list)
+
+
+@dataclass
+class DiffFile:
+    old_path: str = ""
+    new_path: str = ""
+    hunks: list[DiffHunk] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # mode changes, renames, binary
+    added: int = 0
+    removed: int = 0
+
+    @property
+    def path(self) -> str:
+        return self.old_path if self.new_path in ("", "/dev/null") else self.new_path
+
+    @property
+    def status(self) -> str:
+        if self.old_path == "/dev/null":
+            return "added"
+        if self.new_path == "/dev/null":
+            return "deleted"
+        if self.old_path and self.new_path and self.old_path != self.new_path:
+            return "renamed"
+        return "modified"
+
+
+@dataclass
+class Diff:
+    files: list[DiffFile]
+    preamble: str = ""  # what came before the first file (a format-patch mail header)
+    truncated: bool = False
+
+    @property
+    def added(self) -> int:
+        return sum(f.added for f in self.files)
+
+    @property
+    def removed(self) -> int:
+        return sum(f.removed for f in self.files)
+
+
+def _diff_path(raw: str) -> str:
+    path = raw.split("\t", 1)[0].strip()
+    if path.startswith('"') and path.endswith('"'):
+        path = path[1:-1]
+    return path[2:] if path.startswith(("a/", "b/")) else path
+
+
+def parse_unified_diff(text: str) -> Diff:
+    """Files, hunks and numbered lines of a unified diff.
+
+    Hunk line counts decide where a hunk ends, so a removed line that itself
+    starts with `-- ` is not taken for the next file's `--- ` header.
+    """
+    diff = Diff(files=[])
+    preamble: list[str] = []
+    current: DiffFile | None = None
+    hunk: DiffHunk | None = None
+    old_no = new_no = old_left = new_left = 0
+    shown = 0
+    for line in text.splitlines():
+        if hunk is not None and (old_left > 0 or new_left > 0):
+            tag = line[:1]
+            if tag in ("+", "-", " ", ""):
+                shown += 1
+                if shown > MAX_DIFF_LINES:
+                    diff.truncated = True
+                    break
+            if tag == "+":
+                hunk.lines.append(DiffLine("add", line[1:], None, new_no))
+                new_no, new_left = new_no + 1, new_left - 1
+                current.added += 1
+                continue
+            if tag == "-":
+                hunk.lines.append(DiffLine("del", line[1:], old_no, None))
+                old_no, old_left = old_no + 1, old_left - 1
+                current.removed += 1
+                continue
+            if tag in (" ", ""):  # some tools strip the space of an empty context line
+                hunk.lines.append(DiffLine("context", line[1:], old_no, new_no))
+                old_no, new_no = old_no + 1, new_no + 1
+                old_left, new_left = old_left - 1, new_left - 1
+                continue
+        if line.startswith("\\") and hunk is not None:
+            hunk.lines.append(DiffLine("note", line[1:].strip()))
+            continue
+        if line.startswith("diff --git "):
+            current, hunk = DiffFile(), None
+            diff.files.append(current)
+            a, sep, b = line[len("diff --git ") :].rpartition(" b/")
+            if sep:
+                current.old_path, current.new_path = _diff_path(a), b
+            continue
+        if line.startswith("--- ") and (current is None or current.hunks or current.old_path):
+            if current is None or current.hunks:
+                current, hunk = DiffFile(), None  # plain `diff -u`: no `diff --git` line
+                diff.files.append(current)
+            current.old_path = _diff_path(line[4:])
+            continue
+        if line.startswith("+++ ") and current is not None and not current.hunks:
+            current.new_path = _diff_path(line[4:])
+            continue
+        match = _HUNK.match(line)
+        if match:
+            if current is None:
+                current = DiffFile()
+                diff.files.append(current)
+            old_no, new_no = int(match[1]), int(match[3])
+            old_left = int(match[2]) if match[2] is not None else 1
+            new_left = int(match[4]) if match[4] is not None else 1
+            hunk = DiffHunk(line.split(" @@", 1)[0] + " @@", match[5])
+            current.hunks.append(hunk)
+            continue
+        if current is None:
+            preamble.append(line)
+        elif not current.hunks and line.strip():
+            current.notes.append(line)  # index, mode, rename and "Binary files" lines
+    diff.preamble = "\n".join(preamble).strip("\n")
+    return diff
+
+
+def diff_texts(old: str, new: str, old_label: str, new_label: str) -> Diff:
+    """Two texts (a same-named artifact of two runs) as a parsed unified diff."""
+    lines = difflib.unified_diff(
+        old.splitlines(), new.splitlines(), old_label, new_label, lineterm="", n=3
+    )
+    return parse_unified_diff("\n".join(lines))
