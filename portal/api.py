@@ -8,13 +8,24 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer, django_auth
 
 from runs.models import Project
+from telemetry import ratelimit
 
 
 class ProjectBearer(HttpBearer):
-    """`Authorization: Bearer <ingest token>` -> the token's Project."""
+    """`Authorization: Bearer <ingest token>` -> the token's Project.
+
+    Write requests also count against the project's ingest rate limit here, so
+    every token endpoint (events, heartbeats, metrics, artifacts) is limited
+    alike, before its body is read.
+    """
 
     def authenticate(self, request: HttpRequest, token: str) -> Project | None:
-        return Project.for_token(token.strip())
+        project = Project.for_token(token.strip())
+        if project is not None and request.method not in ("GET", "HEAD", "OPTIONS"):
+            verdict = ratelimit.hit_project(project.pk)
+            if verdict is not None and not verdict.allowed:
+                raise ratelimit.RateLimited(verdict)
+        return project
 
 
 project_auth = ProjectBearer()
@@ -43,6 +54,22 @@ def invalid(request, exc):
     return api.create_response(request, {"detail": exc.errors}, status=400)
 
 
+@api.exception_handler(ratelimit.RateLimited)
+def rate_limited(request, exc):
+    verdict = exc.verdict
+    response = api.create_response(
+        request,
+        {
+            "detail": f"rate limit of {verdict.limit} write requests per minute for this "
+            f"project exceeded; retry after {verdict.retry_after} s"
+        },
+        status=429,
+    )
+    for name, value in verdict.headers().items():
+        response[name] = value
+    return response
+
+
 @api.exception_handler(HttpError)
 def http_error(request, exc):
     return api.create_response(request, {"detail": exc.message}, status=exc.status_code)
@@ -51,8 +78,10 @@ def http_error(request, exc):
 def _add_routers() -> None:
     from runs.api import router as runs_router
     from telemetry.api import router as telemetry_router
+    from telemetry.beacon import router as beacon_router
 
     api.add_router("/", telemetry_router)
+    api.add_router("/", beacon_router)
     api.add_router("/", runs_router)
 
 

@@ -1,8 +1,16 @@
-"""The Celery app. Beat's schedule lives here, in code (SPEC §7)."""
+"""The Celery app. Beat's schedule lives here, in code (SPEC §7).
+
+Request ids travel with tasks: a task sent while a request is handled carries
+the request's id in a message header, and the worker puts it in the logging
+contextvar while the task runs, so the worker's log lines and the error
+reports the task stores name the request that caused them.
+"""
 
 import os
 
-from celery import Celery
+from celery import Celery, signals
+
+from portal.logging import request_id_var
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
@@ -17,4 +25,48 @@ app.conf.beat_schedule = {
     },
     "detect-orphans": {"task": "runs.tasks.detect_orphans", "schedule": 30.0},
     "retention": {"task": "runs.tasks.prune", "schedule": 3600.0},
+    "purge-rate-counters": {"task": "telemetry.tasks.purge_rate_counters", "schedule": 300.0},
 }
+
+REQUEST_ID_HEADER = "request_id"
+
+
+@signals.setup_logging.connect
+def use_django_logging(**kwargs) -> None:
+    """Keep Django's JSON lines in the worker and beat instead of Celery's own format."""
+    from logging.config import dictConfig
+
+    from django.conf import settings
+
+    dictConfig(settings.LOGGING)
+
+
+@signals.before_task_publish.connect
+def add_request_id(headers: dict | None = None, **kwargs) -> None:
+    request_id = request_id_var.get()
+    if request_id and headers is not None:
+        headers.setdefault(REQUEST_ID_HEADER, request_id)
+
+
+# Tokens of the contextvar per running task, to restore it after the task:
+# eager tasks run inside the request and must give its id back unchanged.
+_tokens: dict[str, list] = {}
+
+
+@signals.task_prerun.connect
+def set_request_id(task_id: str = "", task=None, **kwargs) -> None:
+    request = getattr(task, "request", None)
+    request_id = getattr(request, REQUEST_ID_HEADER, None) or (
+        (getattr(request, "headers", None) or {}).get(REQUEST_ID_HEADER)
+    )
+    if isinstance(request_id, str) and request_id:
+        _tokens.setdefault(task_id, []).append(request_id_var.set(request_id[:128]))
+
+
+@signals.task_postrun.connect
+def reset_request_id(task_id: str = "", **kwargs) -> None:
+    stack = _tokens.get(task_id)
+    if stack:
+        request_id_var.reset(stack.pop())
+        if not stack:
+            del _tokens[task_id]

@@ -1,4 +1,11 @@
-"""JSON-lines logging to stdout, with the request id of the current request."""
+"""JSON-lines logging to stdout, with the request id of the current request.
+
+The request id lives in a contextvar: RequestIdMiddleware sets it for a request,
+and the Celery signals in portal/celery.py carry it into the tasks that request
+started. Lines logged outside either (django.request's "Not Found" is logged by
+Django's handler after the middleware returned) find it on the request object
+passed in the record's `extra`.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +17,23 @@ import orjson
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+# Record attributes that are not extra fields of a line. `request` is the
+# HttpRequest django.request passes along: not JSON, and only its id and path matter.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "request"}
+
+
+def record_request_id(record: logging.LogRecord) -> str:
+    """The request id of a log record: set explicitly, of its request, or of the context."""
+    found = getattr(record, "request_id", "")
+    if not found:
+        request = getattr(record, "request", None)
+        found = getattr(request, "request_id", "") or request_id_var.get()
+    return found
 
 
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "request_id", ""):
-            record.request_id = request_id_var.get()
+        record.request_id = record_request_id(record)
         return True
 
 
@@ -26,9 +43,13 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "request_id": getattr(record, "request_id", "") or request_id_var.get(),
+            "request_id": record_request_id(record),
             "msg": record.getMessage(),
         }
+        request = getattr(record, "request", None)
+        if request is not None and hasattr(request, "path"):
+            line["method"] = getattr(request, "method", "")
+            line["path"] = request.path
         for key, value in vars(record).items():
             if key not in _STANDARD:
                 line[key] = value

@@ -1,8 +1,10 @@
-"""Request ids: taken from X-Request-ID when sane, else a new UUIDv7; echoed back."""
+"""Request ids, request log lines and the Content Security Policy."""
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 
 from django.conf import settings
 
@@ -11,8 +13,21 @@ from runs.ids import uuid7
 
 _SANE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 
+request_logger = logging.getLogger("runlens.request")
+
+
+def is_health_path(path: str) -> bool:
+    return path == "/health" or path.startswith("/health/")
+
 
 class RequestIdMiddleware:
+    """Takes X-Request-ID from the request when sane, else a new UUIDv7; echoes it.
+
+    While the request runs, the id is in `request_id_var`, so every log line of
+    the request and every task it enqueues carries it. With LOG_REQUESTS (and
+    LOG_HEALTH_REQUESTS for /health) it also logs one line per request.
+    """
+
     def __init__(self, get_response):
         self.get_response = get_response
 
@@ -21,12 +36,32 @@ class RequestIdMiddleware:
         request_id = incoming if _SANE.match(incoming) else str(uuid7())
         request.request_id = request_id
         token = request_id_var.set(request_id)
+        started = time.monotonic()
         try:
             response = self.get_response(request)
+            if self._should_log(request.path):
+                request_logger.info(
+                    "%s %s %s",
+                    request.method,
+                    request.path,
+                    response.status_code,
+                    extra={
+                        "method": request.method,
+                        "path": request.path,
+                        "status": response.status_code,
+                        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                    },
+                )
         finally:
             request_id_var.reset(token)
         response["X-Request-ID"] = request_id
         return response
+
+    @staticmethod
+    def _should_log(path: str) -> bool:
+        if is_health_path(path):
+            return settings.LOG_HEALTH_REQUESTS
+        return settings.LOG_REQUESTS
 
 
 class ContentSecurityPolicyMiddleware:

@@ -216,10 +216,32 @@ RETENTION_RUNS_PER_SLUG = env_int("RETENTION_RUNS_PER_SLUG", 20, minimum=1)
 RETENTION_MAX_AGE_DAYS = env_int("RETENTION_MAX_AGE_DAYS", 30, minimum=1)
 SWEEP_PENDING_AFTER_SECONDS = env_int("SWEEP_PENDING_AFTER_SECONDS", 60, minimum=1)
 
+# --- Front-end beacon, rate limits, error groups -----------------------------
+# POST /api/frontend-log: body limit after decompression (413 beyond), and
+# requests per minute per client address (429 beyond; 0 = unlimited).
+FRONTEND_LOG_MAX_BYTES = env_int("FRONTEND_LOG_MAX_BYTES", 64 * 1024, minimum=1024)
+FRONTEND_LOG_RATE = env_int("FRONTEND_LOG_RATE", 30)
+# Slug of the project that beacons without ?key= go to (created on first use);
+# empty turns keyless beacons off (403).
+FRONTEND_LOG_DEFAULT_PROJECT = env_str("FRONTEND_LOG_DEFAULT_PROJECT", "portal").strip()
+# Reverse proxies in front of the portal that append to X-Forwarded-For. 0: the
+# client address is REMOTE_ADDR and the header is ignored (it is client-supplied).
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0)
+# Write requests per minute per project on the token endpoints, unless the
+# project's limits say otherwise (admin: Project limits). 0 = unlimited.
+INGEST_RATE_PER_MINUTE = env_int("INGEST_RATE_PER_MINUTE", 1200)
+# Error reports: kept this many days, and at most this many (the newest) per group.
+ERROR_REPORT_MAX_AGE_DAYS = env_int("ERROR_REPORT_MAX_AGE_DAYS", 30, minimum=1)
+ERROR_REPORTS_PER_GROUP = env_int("ERROR_REPORTS_PER_GROUP", 200, minimum=1)
+
 # --- Logging ----------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
     raise ImproperlyConfigured(f"LOG_LEVEL must be DEBUG/INFO/WARNING/ERROR, got {LOG_LEVEL!r}")
+# One line per request (method, path, status, duration_ms); health checks apart,
+# since probes would drown everything else.
+LOG_REQUESTS = env_bool("LOG_REQUESTS", False)
+LOG_HEALTH_REQUESTS = env_bool("LOG_HEALTH_REQUESTS", False)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -1,4 +1,5 @@
-"""Retention: keep the newest N runs per slug and nothing older than the max age.
+"""Retention: keep the newest N runs per slug and nothing older than the max age;
+error reports by their own age and per-group cap.
 
 Events have no database-level foreign key, so they are deleted explicitly, in
 chunks, before their runs: a prune never holds long locks on the hot table.
@@ -6,14 +7,19 @@ chunks, before their runs: a prune never holds long locks on the hot table.
 
 from __future__ import annotations
 
-from datetime import timedelta
+import logging
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
 from runs.models import Project, Run
 
 CHUNK = 200
+REPORT_CHUNK = 5000
+
+logger = logging.getLogger(__name__)
 
 
 def expired_run_ids(project: Project) -> list[int]:
@@ -50,4 +56,46 @@ def prune() -> dict[str, int]:
     result = {}
     for project in Project.objects.all():
         result[project.slug] = delete_runs(expired_run_ids(project))
+    reports = prune_error_reports()
+    logger.info("retention: %s error report(s) deleted", reports, extra={"reports": reports})
     return result
+
+
+def prune_error_reports(now: datetime | None = None) -> int:
+    """Error reports follow their own policy: ERROR_REPORT_MAX_AGE_DAYS, and the newest
+    ERROR_REPORTS_PER_GROUP of each group. Groups stay (their count and triage state
+    are the record); see docs/errors.md."""
+    from telemetry.models import ErrorGroup, ErrorReport
+
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.ERROR_REPORT_MAX_AGE_DAYS)
+    deleted = 0
+    while True:  # in chunks: a prune never holds long locks on the reports table
+        ids = list(
+            ErrorReport.objects.filter(received_at__lt=cutoff).values_list("id", flat=True)[
+                :REPORT_CHUNK
+            ]
+        )
+        if not ids:
+            break
+        deleted += ErrorReport.objects.filter(id__in=ids).delete()[0]
+    cap = settings.ERROR_REPORTS_PER_GROUP
+    # Only groups that ever had more reports than the cap can be over it.
+    crowded = list(ErrorGroup.objects.filter(count__gt=cap).values_list("id", flat=True))
+    for start in range(0, len(crowded), CHUNK):
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                DELETE FROM telemetry_errorreport WHERE id IN (
+                    SELECT id FROM (
+                        SELECT id, row_number() OVER (
+                            PARTITION BY group_id ORDER BY received_at DESC, id DESC
+                        ) AS rank
+                        FROM telemetry_errorreport WHERE group_id = ANY(%s)
+                    ) ranked WHERE rank > %s
+                )
+                """,
+                [crowded[start : start + CHUNK], cap],
+            )
+            deleted += cursor.rowcount
+    return deleted

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from telemetry.models import IngestBatch
+from telemetry.models import ErrorGroup, ErrorReport, IngestBatch, ProjectLimits
 
 
 @admin.register(IngestBatch)
@@ -13,3 +13,71 @@ class IngestBatchAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         return False
+
+
+# --- Error groups (triage) and reports --------------------------------------------
+
+
+@admin.register(ErrorGroup)
+class ErrorGroupAdmin(admin.ModelAdmin):
+    list_display = (
+        "title",
+        "culprit",
+        "project",
+        "level",
+        "status",
+        "regressed",
+        "count",
+        "last_seen",
+    )
+    list_filter = ("status", "regressed", "level", "source", "project")
+    search_fields = ("title", "culprit", "fingerprint")
+    list_select_related = ("project",)
+    ordering = ("-last_seen",)
+    # Status changes go through the actions, which keep resolved_at and regressed right.
+    readonly_fields = [f.name for f in ErrorGroup._meta.fields]
+    actions = ["resolve", "ignore", "reopen"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.action(description="Resolve (reopens as regressed if seen again)")
+    def resolve(self, request, queryset):
+        count = queryset.set_status(ErrorGroup.Status.RESOLVED)
+        self.message_user(request, f"{count} group(s) resolved.")
+
+    @admin.action(description="Ignore (still counted, never alerts)")
+    def ignore(self, request, queryset):
+        count = queryset.set_status(ErrorGroup.Status.IGNORED)
+        self.message_user(request, f"{count} group(s) ignored.")
+
+    @admin.action(description="Reopen")
+    def reopen(self, request, queryset):
+        count = queryset.set_status(ErrorGroup.Status.UNRESOLVED)
+        self.message_user(request, f"{count} group(s) reopened.")
+
+
+@admin.register(ErrorReport)
+class ErrorReportAdmin(admin.ModelAdmin):
+    """Read-only: a report is evidence, triage happens on its group."""
+
+    list_display = ("id", "group", "source", "level", "received_at", "request_id")
+    list_filter = ("source", "level")
+    search_fields = ("request_id", "message")
+    list_select_related = ("group",)
+    raw_id_fields = ("group", "run")
+    show_full_result_count = False  # COUNT(*) of a big table on every page
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(ProjectLimits)
+class ProjectLimitsAdmin(admin.ModelAdmin):
+    list_display = ("project", "ingest_per_minute")

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.contrib.postgres.indexes import BrinIndex
 from django.db import models, transaction
 from django.db.models import Q
+from django.db.models.functions import TruncHour
 from django.utils import timezone
 
 from runs.models import Project
@@ -95,3 +97,179 @@ class IngestBatch(models.Model):
                 logger.exception("could not enqueue batch %s; the sweeper will retry", self.id)
 
         transaction.on_commit(send)
+
+
+class ProjectLimits(models.Model):
+    """Per-project overrides of installation-wide limits.
+
+    Kept here rather than on Project so the limits can evolve with the ingest
+    endpoints that enforce them. A project without a row uses the settings.
+    """
+
+    project = models.OneToOneField(Project, models.CASCADE, related_name="limits")
+    ingest_per_minute = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text=(
+            "Write requests per minute on the token endpoints (429 beyond). "
+            "Empty: the INGEST_RATE_PER_MINUTE setting. 0: unlimited."
+        ),
+    )
+
+    class Meta:
+        verbose_name = "project limits"
+        verbose_name_plural = "project limits"
+
+    def __str__(self) -> str:
+        return f"limits of {self.project}"
+
+
+class RateCounter(models.Model):
+    """Requests counted per key (client address, project) and fixed window.
+
+    Shared by every web process through PostgreSQL, so no extra server is
+    needed. The table is UNLOGGED (see the migration): losing counters in a
+    crash only forgives a minute of traffic, and skipping the WAL makes the
+    one upsert per request cheaper.
+    """
+
+    key = models.CharField(max_length=200)
+    window_start = models.BigIntegerField(help_text="Epoch seconds the window starts at.")
+    hits = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["key", "window_start"], name="ratecounter_key_window")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} @{self.window_start}: {self.hits}"
+
+
+class ErrorGroupQuerySet(models.QuerySet):
+    def set_status(self, status: str) -> int:
+        """Triage many groups at once (admin actions, the detail page's buttons).
+
+        Resolving or reopening by hand clears `regressed`: an operator has looked.
+        """
+        now = timezone.now()
+        fields: dict = {"status": status, "regressed": False}
+        fields["resolved_at"] = now if status == ErrorGroup.Status.RESOLVED else None
+        return self.update(**fields)
+
+    def search(self, text: str) -> ErrorGroupQuerySet:
+        if not text:
+            return self
+        return self.filter(Q(title__icontains=text) | Q(culprit__icontains=text))
+
+
+class ErrorGroup(models.Model):
+    """One bug: every report with the same fingerprint in a project (docs/errors.md)."""
+
+    class Status(models.TextChoices):
+        UNRESOLVED = "unresolved"
+        RESOLVED = "resolved"
+        IGNORED = "ignored"
+
+    project = models.ForeignKey(Project, models.CASCADE, related_name="error_groups")
+    fingerprint = models.CharField(max_length=64)
+    title = models.CharField(max_length=255)
+    culprit = models.CharField(max_length=255, blank=True)
+    level = models.CharField(max_length=8, default="error")
+    source = models.CharField(max_length=16, default="frontend")
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.UNRESOLVED)
+    first_seen = models.DateTimeField()
+    last_seen = models.DateTimeField()
+    count = models.BigIntegerField(default=0)
+    regressed = models.BooleanField(default=False)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ErrorGroupQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "fingerprint"], name="errorgroup_project_fingerprint"
+            )
+        ]
+        indexes = [models.Index(fields=["status", "-last_seen"], name="errorgroup_status_seen")]
+
+    def __str__(self) -> str:
+        return self.title
+
+    def set_status(self, status: str) -> None:
+        ErrorGroup.objects.filter(pk=self.pk).set_status(status)
+        self.refresh_from_db()
+
+
+class ErrorReportQuerySet(models.QuerySet):
+    def affected(self, group_ids: list[int]) -> dict[int, dict[str, int]]:
+        """Distinct users (visitors), page URLs and runs per group, in one query."""
+        rows = (
+            self.filter(group_id__in=group_ids)
+            .values("group_id")
+            .annotate(
+                users=models.Count("visitor", distinct=True, filter=~Q(visitor="")),
+                urls=models.Count("url", distinct=True, filter=~Q(url="")),
+                runs=models.Count("run", distinct=True),
+            )
+        )
+        return {row.pop("group_id"): row for row in rows}
+
+    def hourly(
+        self, group_ids: list[int], now: datetime, hours: int = 24
+    ) -> tuple[datetime, dict[int, list[int]]]:
+        """Reports per hour and group over the last `hours` hours (the current one last)."""
+        start = (now - timedelta(hours=hours - 1)).replace(minute=0, second=0, microsecond=0)
+        rows = (
+            self.filter(group_id__in=group_ids, received_at__gte=start)
+            .annotate(hour=TruncHour("received_at"))
+            .values("group_id", "hour")
+            .annotate(n=models.Count("id"))
+        )
+        counts = {group_id: [0] * hours for group_id in group_ids}
+        for row in rows:
+            index = int((row["hour"] - start).total_seconds() // 3600)
+            if 0 <= index < hours:
+                counts[row["group_id"]][index] = row["n"]
+        return start, counts
+
+
+class ErrorReport(models.Model):
+    """One occurrence of an error: a beacon, an error-level agent event, a Sentry event."""
+
+    class Source(models.TextChoices):
+        FRONTEND = "frontend"
+        EVENT = "event"
+        SENTRY = "sentry"
+
+    id = models.BigAutoField(primary_key=True)
+    group = models.ForeignKey(ErrorGroup, models.CASCADE, related_name="reports")
+    project = models.ForeignKey(Project, models.CASCADE, related_name="+")
+    source = models.CharField(max_length=16, choices=Source.choices)
+    level = models.CharField(max_length=8, default="error")
+    message = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    stack = models.TextField(blank=True)
+    context = models.JSONField(default=dict, blank=True)
+    # Page address without its query (for "URLs affected") and an opaque visitor
+    # key (for "users affected"); both also live in `context` as sent.
+    url = models.CharField(max_length=500, blank=True)
+    visitor = models.CharField(max_length=64, blank=True)
+    request_id = models.CharField(max_length=128, blank=True)
+    run = models.ForeignKey(
+        "runs.Run", models.SET_NULL, null=True, blank=True, related_name="error_reports"
+    )
+    event_seq = models.BigIntegerField(null=True, blank=True)
+    received_at = models.DateTimeField(default=timezone.now)
+
+    objects = ErrorReportQuerySet.as_manager()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["group", "-received_at"], name="errorreport_group_recent"),
+            BrinIndex(fields=["received_at"], name="errorreport_received_brin"),
+        ]
+
+    def __str__(self) -> str:
+        return f"report {self.id} of group {self.group_id}"

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
 
+from portal.logging import request_id_var
 from runs import ingest
+
+logger = logging.getLogger(__name__)
 
 
 @shared_task(ignore_result=True)
 def process_batch(batch_id: int) -> None:
-    ingest.process_batch(batch_id)
+    token = None
+    if not request_id_var.get():
+        # Sent by the sweeper, not by the request: name the request that spooled it.
+        from telemetry.models import IngestBatch
+
+        found = IngestBatch.objects.filter(pk=batch_id).values_list("request_id", flat=True)
+        if found and found[0]:
+            token = request_id_var.set(found[0])
+    try:
+        stored = ingest.process_batch(batch_id)
+        logger.info(
+            "batch %s %s",
+            batch_id,
+            "stored" if stored else "already done",
+            extra={"batch": batch_id},
+        )
+    finally:
+        if token is not None:
+            request_id_var.reset(token)
 
 
 @shared_task(ignore_result=True)
@@ -21,3 +44,11 @@ def sweep_pending() -> int:
     for batch_id in ids:
         process_batch.delay(batch_id)
     return len(ids)
+
+
+@shared_task(ignore_result=True)
+def purge_rate_counters() -> int:
+    """Drop rate-limit windows that have ended."""
+    from telemetry import ratelimit
+
+    return ratelimit.purge()
