@@ -1,6 +1,9 @@
 from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html
 
-from runs.models import Project, ProjectToken, Run
+from runs.models import Artifact, Event, Project, ProjectToken, Run
+from runs.retention import delete_runs
 
 
 class ProjectTokenInline(admin.TabularInline):
@@ -17,9 +20,21 @@ class ProjectTokenInline(admin.TabularInline):
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
     list_display = ("name", "slug", "retention_runs_per_slug", "retention_max_age_days", "created")
-    readonly_fields = ("public_key",)
+    readonly_fields = ("public_key", "created")
+    prepopulated_fields = {"slug": ("name",)}
     inlines = [ProjectTokenInline]
     actions = ["rotate_token"]
+
+    def save_model(self, request, obj, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        if not change:
+            # A new project can ingest at once. Shown once: only the hash is stored.
+            token = obj.create_token(label="created in admin")
+            self.message_user(
+                request,
+                f"Ingest token for {obj} (shown only now, copy it): {token}",
+                messages.WARNING,
+            )
 
     @admin.action(description="Rotate ingest token (revokes the old ones)")
     def rotate_token(self, request, queryset):
@@ -29,16 +44,86 @@ class ProjectAdmin(admin.ModelAdmin):
             self.message_user(request, f"New token for {project}: {token}", messages.WARNING)
 
 
+class ArtifactInline(admin.TabularInline):
+    model = Artifact
+    fields = ("name", "content_type", "size", "sha256", "created")
+    readonly_fields = fields
+    extra = 0
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).defer("content")
+
+
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
-    list_display = ("run_id", "slug", "status", "phase", "started_at", "events_count")
-    list_filter = ("status", "project")
-    search_fields = ("run_id", "slug")
+    list_display = (
+        "run_id",
+        "slug",
+        "project",
+        "status",
+        "phase",
+        "started_at",
+        "events_count",
+        "errors_count",
+        "events_link",
+    )
+    list_filter = ("status", ("slug", admin.AllValuesFieldListFilter), "project")
+    search_fields = ("run_id",)
+    search_help_text = "Run id (or a part of it)"
     raw_id_fields = ("parent",)
     list_select_related = ("project",)
-    actions = ["reset_orphaned"]
+    inlines = [ArtifactInline]
+    actions = ["reset_orphaned", "delete_selected"]
+
+    @admin.display(description="Events")
+    def events_link(self, run: Run) -> str:
+        url = reverse("admin:runs_event_changelist") + f"?run__id__exact={run.pk}"
+        return format_html('<a href="{}">events</a>', url)
 
     @admin.action(description="Reset orphaned runs (mark cancelled)")
     def reset_orphaned(self, request, queryset):
         count = queryset.filter(status=Run.Status.ORPHANED).update(status=Run.Status.CANCELLED)
         self.message_user(request, f"{count} orphaned run(s) marked cancelled.")
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        if "delete_selected" in actions:
+            func, name, _ = actions["delete_selected"]
+            actions[name] = (func, name, "Delete selected runs with their events")
+        return actions
+
+    # Events have no database foreign key, so Django's cascade would leave them behind:
+    # every delete from the admin (the action and the run's own page) goes through
+    # retention's delete_runs, which removes events explicitly, in chunks.
+    def delete_queryset(self, request, queryset) -> None:
+        delete_runs(list(queryset.values_list("pk", flat=True)))
+
+    def delete_model(self, request, obj: Run) -> None:
+        delete_runs([obj.pk])
+
+
+@admin.register(Event)
+class EventAdmin(admin.ModelAdmin):
+    """Read-only: events are the record of what an agent did."""
+
+    list_display = ("id", "run", "seq", "ts", "level", "event", "phase")
+    list_filter = ("level",)
+    search_fields = ("=run__run_id", "^event")
+    search_help_text = "Exact run id, or the start of an event name (llm.)"
+    list_select_related = ("run",)
+    raw_id_fields = ("run",)
+    ordering = ("-id",)
+    show_full_result_count = False  # COUNT(*) of the biggest table on every page
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

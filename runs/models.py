@@ -490,9 +490,10 @@ class DiffFile:
 
     @property
     def status(self) -> str:
-        if self.old_path == "/dev/null":
+        # git says so in an extended header line when there are no ---/+++ lines (binary).
+        if self.old_path == "/dev/null" or any(n.startswith("new file") for n in self.notes):
             return "added"
-        if self.new_path == "/dev/null":
+        if self.new_path == "/dev/null" or any(n.startswith("deleted file") for n in self.notes):
             return "deleted"
         if self.old_path and self.new_path and self.old_path != self.new_path:
             return "renamed"

@@ -10,9 +10,21 @@ class IngestBatchAdmin(admin.ModelAdmin):
     exclude = ("body",)
     readonly_fields = [f.name for f in IngestBatch._meta.fields if f.name != "body"]
     list_select_related = ("project",)
+    actions = ["reenqueue"]
 
     def has_add_permission(self, request) -> bool:
         return False
+
+    @admin.action(description="Re-enqueue (a failed batch goes back to pending)")
+    def reenqueue(self, request, queryset):
+        """After a fix: failed batches kept their body, so the worker can store them now."""
+        queryset.filter(state=IngestBatch.State.FAILED).update(state=IngestBatch.State.PENDING)
+        batches = list(queryset.filter(state=IngestBatch.State.PENDING).defer("body"))
+        for batch in batches:
+            batch.enqueue()
+        skipped = queryset.count() - len(batches)
+        note = f"; {skipped} already done, left alone" if skipped else ""
+        self.message_user(request, f"{len(batches)} batch(es) enqueued{note}.")
 
 
 # --- Error groups (triage) and reports --------------------------------------------
