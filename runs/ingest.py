@@ -703,6 +703,9 @@ def store_records(project: Project, pairs: list[tuple[bytes | None, Record]]) ->
     with connection.cursor() as cursor, cursor.copy(COPY_EVENTS) as copy:
         copy.write(copy_rows(records))
     Run.objects.bulk_update([s.run for s in states.values()], RUN_FIELDS)
+    from telemetry.errors import record_event_errors  # imports this module: import late
+
+    record_event_errors(project, records)  # error-level events and crashes -> error groups
     return len(records)
 
 

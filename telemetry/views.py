@@ -16,6 +16,7 @@ from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
+from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
 from telemetry.errors import parse_stack
@@ -79,8 +80,12 @@ def errors_list(request: HttpRequest) -> HttpResponse:
         "statuses": STATUS_FILTERS,
         "query": query,
     }
-    template = "telemetry/errors.html#groups" if request.htmx else "telemetry/errors.html"
-    return render(request, template, context)
+    # A history restore (cache miss after "back") needs the whole page, not the fragment.
+    fragment = request.htmx and not request.htmx.history_restore_request
+    template = "telemetry/errors.html#groups" if fragment else "telemetry/errors.html"
+    response = render(request, template, context)
+    patch_vary_headers(response, ["HX-Request"])  # one URL, two bodies: caches must know
+    return response
 
 
 @login_required

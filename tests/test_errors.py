@@ -18,10 +18,12 @@ from telemetry.errors import (
     Occurrence,
     normalize_message,
     parse_stack,
+    record_event_errors,
     store,
     top_frame,
 )
 from telemetry.models import ErrorGroup, ErrorReport
+from tests.conftest import ndjson, record
 
 V8_STACK = """TypeError: Cannot read properties of undefined (reading 'id')
     at renderUser (https://app.example.com/static/app.3f9a2c1b.js?v=7:120:17)
@@ -208,6 +210,61 @@ def test_a_burst_counts_fully_but_keeps_a_sample_of_reports(project):
     assert ErrorReport.objects.count() == 50
 
 
+# --- From agent events ------------------------------------------------------------
+
+
+def test_error_level_events_and_crashes_become_reports_linked_to_their_run(post_events):
+    response = post_events(
+        ndjson(
+            record("run.begin"),
+            record("tool.call", data={"tool": "bash"}),
+            record(
+                "tool.error",
+                level="error",
+                message="command exited with 127",
+                data={"error": "ValueError: bad path /tmp/x1", "stack": PY_STACK},
+            ),
+            record("llm.error", level="error", message="rate limited for 30s"),
+            record("run.crashed", data={"exit_code": 137}),
+        ),
+        run_id="crashy",
+        **{"X-Request-ID": "req-events-0001"},
+    )
+    assert response.status_code == 202
+    run = Run.objects.get(run_id="crashy")
+    reports = ErrorReport.objects.select_related("group").order_by("event_seq")
+    assert [(r.source, r.run_id, r.event_seq) for r in reports] == [
+        ("event", run.pk, 3),
+        ("event", run.pk, 4),
+        ("event", run.pk, 5),
+    ]
+    assert [r.group.title for r in reports] == [
+        "ValueError: bad path /tmp/x1",
+        "llm.error: rate limited for 30s",
+        "run.crashed: run crashed with exit code 137",
+    ]
+    assert reports[0].group.culprit == "step (/srv/agent/loop.py)"
+    assert {r.request_id for r in reports} == {"req-events-0001"}
+    assert reports[0].context["data"]["stack"] == PY_STACK
+
+
+def test_event_errors_are_grouped_set_based(project, post_events, django_assert_max_num_queries):
+    from runs.ingest import parse_body
+
+    body = ndjson(
+        record("run.begin"),
+        *[record("tool.error", level="error", message=f"exit {i}") for i in range(200)],
+    )
+    post_events(body, run_id="r1")
+    pairs, _, _ = parse_body(body, "r1")
+    records = [rec for _, rec in pairs]
+    for rec in records:
+        rec.run = Run.objects.get(run_id="r1")
+    with django_assert_max_num_queries(2):
+        assert record_event_errors(project, records) == 200
+    assert ErrorGroup.objects.get().count == 400
+
+
 # --- Pages ---------------------------------------------------------------------
 
 XSS = '<script>alert("x")</script><img src=x onerror=alert(1)>'
@@ -263,6 +320,11 @@ def test_an_htmx_request_gets_only_the_groups_fragment(operator_client, groups):
     html = response.content.decode()
     assert html.lstrip().startswith('<div id="groups">')
     assert "<html" not in html and "disk full" in html
+    assert "HX-Request" in response["Vary"]
+    restore = operator_client.get(
+        "/errors?q=disk", HTTP_HX_REQUEST="true", HTTP_HX_HISTORY_RESTORE_REQUEST="true"
+    )
+    assert "<html" in restore.content.decode()
 
 
 def test_the_detail_shows_frames_context_occurrences_run_and_request_id(operator_client, groups):

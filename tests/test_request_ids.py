@@ -202,3 +202,6 @@ def test_a_worker_logs_and_stores_with_the_id_of_the_request_that_enqueued_the_t
         if line.get("logger") == "celery.app.trace" and "succeeded" in line.get("msg", "")
     ]
     assert [line["request_id"] for line in succeeded] == ["req-worker-0001"]
+    # The worker's error report from the error-level event names the request too.
+    assert wait_for(lambda: ErrorReport.objects.exists())
+    assert ErrorReport.objects.get().request_id == "req-worker-0001"
