@@ -41,9 +41,13 @@ def page(request: HttpRequest, template: str, context: dict, partials: dict[str,
     return response
 
 
+def as_id(value: str) -> int | None:
+    """A non-negative 64-bit integer from a query parameter, else None (never a 500)."""
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
+
+
 def int_param(request: HttpRequest, name: str) -> int | None:
-    value = request.GET.get(name, "")
-    return int(value) if value.isdigit() and len(value) < 19 else None
+    return as_id(request.GET.get(name, ""))
 
 
 # --- Runs list ------------------------------------------------------------------
@@ -259,8 +263,10 @@ def artifact_for(request: HttpRequest, pk: int, with_content: bool = True) -> Ar
 @login_required
 def artifact_detail(request: HttpRequest, pk: int) -> HttpResponse:
     artifact = artifact_for(request, pk, with_content=False)
-    context: dict = {"artifact": artifact, "run": artifact.run, "text": None, "diff": None}
-    if artifact.is_text and artifact.size <= INLINE_MAX_BYTES:
+    too_large = artifact.size > INLINE_MAX_BYTES
+    context: dict = {"artifact": artifact, "run": artifact.run, "too_large": too_large}
+    context.update(text=None, diff=None)
+    if artifact.is_text and not too_large:
         artifact = artifact_for(request, pk)
         text = artifact.text()
         if text is not None and artifact.is_diff:
@@ -333,7 +339,7 @@ def artifact_rows(a: Run, b: Run) -> list[dict]:
 
 @login_required
 def compare(request: HttpRequest) -> HttpResponse:
-    ids = [int(v) for v in request.GET.getlist("run") if v.isdigit() and len(v) < 19][:2]
+    ids = [pk for pk in map(as_id, request.GET.getlist("run")) if pk is not None][:2]
     context: dict = {"a": None, "b": None}
     if len(ids) == 2:
         found = {r.pk: r for r in Run.objects.filter(pk__in=ids).select_related("project")}

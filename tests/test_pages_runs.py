@@ -195,6 +195,19 @@ def test_it_ignores_a_bad_filter_value_and_says_so(operator_client, finished):
     assert "Ignored" in body and "status" in body and "since" in body
 
 
+def test_odd_query_parameters_never_cause_an_error(operator_client, finished):
+    for url in (
+        "/?cursor=²",
+        "/?before=-3",
+        "/?cursor=99999999999999999999999",
+        "/?since=2026-13-45",
+        "/runs/done-1?after=¹",
+        "/runs/done-1?level=loud&filter=" + "x" * 500,
+        "/compare/?run=¹&run=2",
+    ):
+        assert operator_client.get(url).status_code == 200, url
+
+
 def test_it_pages_with_a_keyset_cursor_both_ways(operator_client, post_events, monkeypatch):
     monkeypatch.setattr(views, "RUNS_PAGE", 2)
     post_events(ndjson(*(record("run.begin", ts(i), run_id=f"r{i}") for i in range(5))))
