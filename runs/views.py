@@ -16,6 +16,7 @@ from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpRespons
 from django.shortcuts import render
 from django.utils.cache import patch_vary_headers
 from django.utils.http import content_disposition_header
+from django.utils.text import slugify
 
 from runs.models import LEVELS, Artifact, Event, Project, Run, diff_texts
 
@@ -29,7 +30,9 @@ COMPARE_MAX_BYTES = 512 * 1024  # per side, for the diff of two same-named artif
 ACTIVE_TYPES = ("html", "xml", "svg", "javascript", "ecmascript", "pdf")
 
 
-def page(request: HttpRequest, template: str, context: dict, partials: dict[str, str], status=200):
+def page(
+    request: HttpRequest, template: str, context: dict, partials: dict[str, str], status: int = 200
+) -> HttpResponse:
     """Render the page, or the partial its htmx target names (not for history restores)."""
     htmx = request.htmx
     name = ""
@@ -235,15 +238,16 @@ def run_events_jsonl(request: HttpRequest, run_id: str) -> StreamingHttpResponse
     Also for run ids with a slash (the shipper's `<slug>/<file stem>`), which the
     API's `{run_id}` path segment cannot address.
     """
-    from runs.api import EventFilters, event_lines  # not at import time: api imports the URLs
+    # Imported here: runs.api imports portal.api, which imports runs.api (a cycle).
+    from runs.api import EventFilters, event_lines
 
     run, _ = run_for(request, run_id)
     prefix, level = timeline_filters(request)
     lines = event_lines(run, EventFilters(filter=prefix, level=level, format="jsonl"))
     response = StreamingHttpResponse(lines, content_type="application/x-ndjson")
-    response["Content-Disposition"] = content_disposition_header(
-        True, f"{run.slug or 'run'}-{run.pk}.jsonl"
-    )
+    # The slug is agent text: slugified, it cannot break the header.
+    name = f"{slugify(run.slug)[:80] or 'run'}-{run.pk}.jsonl"
+    response["Content-Disposition"] = content_disposition_header(True, name)
     return response
 
 

@@ -460,6 +460,13 @@ def test_the_jsonl_download_is_the_gitoma_record_shape(operator_client, finished
     assert len(b"".join(api.streaming_content).splitlines()) == 7
 
 
+def test_the_jsonl_file_name_is_safe_whatever_the_slug(operator_client, post_events):
+    post_events(ndjson(record("run.begin", slug='evil"\r\nSet-Cookie: x=1')), run_id="r")
+    response = operator_client.get("/runs/r/events.jsonl")
+    assert response.status_code == 200
+    assert response["Content-Disposition"].startswith('attachment; filename="evil-set-cookie-x1-')
+
+
 def test_lineage_links_the_parent_and_the_forks(operator_client, finished, post_events):
     post_events(ndjson(record("run.begin", ts(40), data={"parent_run_id": "done-1"})), run_id="f1")
     post_events(ndjson(record("run.begin", ts(50), data={"parent_run_id": "done-1"})), run_id="f2")
