@@ -117,3 +117,11 @@ def test_pages_carry_a_strict_content_security_policy(client):
     assert "frame-ancestors 'none'" in policy
     assert b'"allowEval": false' in response.content
     assert client.get("/static/vendor/htmx-2.0.11.min.js").status_code == 200
+
+
+def test_every_page_shares_the_nav_and_marks_its_section(operator_client):
+    runs = operator_client.get("/").content.decode()
+    errors = operator_client.get("/errors").content.decode()
+    assert 'href="/" aria-current="page">Runs</a>' in runs
+    assert 'href="/errors">Errors</a>' in runs
+    assert 'href="/errors" aria-current="page">Errors</a>' in errors
