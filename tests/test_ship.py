@@ -20,7 +20,7 @@ from tests.conftest import record
 
 SLUG = "octocat__hello-world"
 STEM = "2026-04-21T05:12:34.123+00:00"
-RUN_ID = f"{SLUG}/{STEM}"
+RUN_ID = f"{SLUG}@{STEM}"
 
 
 @pytest.fixture
@@ -272,7 +272,7 @@ def test_shipped_events_are_what_logs_prints(run_ship, trace):
 
 def test_run_ids_come_from_the_file_and_fit_in_128_characters(tmp_path):
     assert ship.run_id_for(tmp_path / SLUG / f"{STEM}.jsonl") == RUN_ID
-    assert ship.run_id_for(tmp_path / "traces" / "agent.jsonl") == "agent/agent"
+    assert ship.run_id_for(tmp_path / "traces" / "agent.jsonl") == "agent@agent"
     long = tmp_path / ("o" * 100 + "__" + "r" * 100) / f"{STEM}.jsonl"
     run_id = ship.run_id_for(long)
     assert len(run_id) == 128 and run_id == ship.run_id_for(long)

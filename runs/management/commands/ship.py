@@ -56,9 +56,12 @@ class ShipError(Exception):
 
 
 def run_id_for(path: Path) -> str:
-    """`<slug>/<file stem>`, stable for the life of the file, at most 128 characters."""
+    """`<slug>@<file stem>`, stable for the life of the file, at most 128 characters.
+
+    No `/`: a run id is one segment of the API's URLs (`/api/runs/<run_id>`).
+    """
     slug = path.parent.name if "__" in path.parent.name else path.stem
-    run_id = f"{slug}/{path.stem}"
+    run_id = f"{slug}@{path.stem}"
     if len(run_id) > MAX_RUN_ID:
         # Keep it readable and still unique: a prefix plus a hash of the whole.
         digest = hashlib.sha256(run_id.encode()).hexdigest()[:16]
