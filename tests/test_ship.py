@@ -75,8 +75,8 @@ def test_it_ships_a_gitoma_directory_as_one_run_per_file(run_ship, trace):
     out, err = run_ship(trace.parent.parent)
 
     assert stored() == ["run.begin", "phase.start"]
-    assert stored(f"{SLUG}/2026-04-22T08:00:00.000+00:00") == ["run.begin"]
-    assert stored("acme__tools/2026-04-20T10:00:00.000+00:00") == ["run.begin", "llm.call"]
+    assert stored(f"{SLUG}@2026-04-22T08:00:00.000+00:00") == ["run.begin"]
+    assert stored("acme__tools@2026-04-20T10:00:00.000+00:00") == ["run.begin", "llm.call"]
     assert Run.objects.get(run_id=RUN_ID).slug == SLUG
     assert f"{trace} -> {RUN_ID}: 2 line(s) sent, 2 accepted, 0 rejected" in out
     assert err == ""
@@ -227,7 +227,7 @@ def test_it_retries_a_503_with_the_same_idempotency_key(trace, tmp_path, token):
     assert (
         first["path"]
         == "/api/ingest/events?run_id="
-        + "octocat__hello-world%2F2026-04-21T05%3A12%3A34.123%2B00%3A00"
+        + "octocat__hello-world%402026-04-21T05%3A12%3A34.123%2B00%3A00"
     )
     assert first["headers"]["Authorization"] == f"Bearer {token}"
     assert first["headers"]["Content-Type"] == "application/x-ndjson"
@@ -252,7 +252,7 @@ def test_follow_picks_up_new_lines_and_new_files_until_ctrl_c(run_ship, trace, m
     monkeypatch.setattr(ship, "sleep", meanwhile)
     out, _ = run_ship(trace.parent, follow=True)
     assert stored() == ["run.begin", "phase.start", "run.exit_clean"]
-    assert stored(f"{SLUG}/{later.stem}") == ["run.begin"]
+    assert stored(f"{SLUG}@{later.stem}") == ["run.begin"]
     assert out.rstrip().endswith("stopped; offsets saved")
     assert polls == [1.0, 1.0]
 
