@@ -198,6 +198,9 @@ if CELERY_BROKER_URL == "filesystem://":
         "store_processed": False,
     }
 CELERY_TASK_IGNORE_RESULT = True
+# Keep the worker's database connection across tasks (Celery's Django fixup
+# otherwise closes it around every task): a batch should not pay a reconnect.
+CELERY_DB_REUSE_MAX = 1000
 CELERY_TASK_ACKS_LATE = True  # a worker killed mid-task leaves the message for another
 CELERY_WORKER_PREFETCH_MULTIPLIER = 4
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)

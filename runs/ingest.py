@@ -15,16 +15,21 @@ length bounds) run only when a cheap test on the raw line says they may matter.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import threading
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from functools import cache
 from typing import Any
 
 import orjson
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -60,18 +65,38 @@ _SECRET_KEY = re.compile(
     r"authorization|cookie|set_cookie)$",
     re.IGNORECASE,
 )
-_KEY_HINT = re.compile(
-    rb'(?i)(?:passw|pwd|secret|token"|_token|api_?key|private_key|credential|authorization|cookie)'
+# Cheap tests on the raw line, lowered once (a (?i) pattern is several times
+# slower). Every key _SECRET_KEY matches ends in one of these words, and a JSON
+# key is followed by its closing quote, hence `token"` (a bare `_token` would flag
+# every `prompt_tokens` of an LLM call). The value hints cover what _SECRET_VALUE
+# matches, also with JSON-escaped slashes (`https:\/\/user:pw@`).
+_REDACT_HINT = re.compile(
+    rb'passw|pwd|secret|token"|api_?key|private_key|credential|authorization|cookie'
+    rb'|bearer|basic|:\\?/\\?/[^/\s"]*@|gh[pousr]_|sk-'
 )
-_VALUE_HINT = re.compile(rb"(?i)(?:bearer|basic |://[^/\s\"]*@|gh[pousr]_|sk-)")
+# What decides whether a line is walked at all: _REDACT_HINT plus what needs
+# cleaning (NUL, lone surrogates, U+FFFD), run on every line. It matches the
+# same lines, written for speed: Python's re tries the whole alternation at each
+# byte that can start a branch, so each branch starts at its rarest byte (w, k,
+# z, /, …) and checks what comes before with a lookbehind. 2.4x faster.
+_WALK_HINT = re.compile(
+    rb"w(?:(?<=passw)|(?<=pw)d)"
+    rb'|k(?:(?<=tok)en"|(?<=api_k)ey|(?<=apik)ey|(?<=private_k)ey|(?<=cook)ie|(?<=sk)-)'
+    rb"|z(?<=authoriz)ation"
+    rb"|cr(?:(?<=secr)et|edential)"
+    rb"|b(?:earer|asic)"
+    rb"|gh[pousr]_"
+    rb'|/(?:(?<=:/)|(?<=:\\/))\\?/[^/\s"]*@'
+    rb"|\\u(?:0000|d)|\xef\xbf\xbd"
+)
 _SECRET_VALUE = re.compile(
     r"(?i)(?P<scheme>\bbearer\s+|\bbasic\s+)[A-Za-z0-9._~+/=\-]+"
-    r"|(?P<url>[a-z][a-z0-9+.\-]*://)[^/\s\"'@]+@"
+    # Scheme anchored at a word start and bounded: unbounded, a long run of
+    # letters made the search quadratic (64 KB took ~30 s).
+    r"|(?P<url>\b[a-z][a-z0-9+.\-]{0,31}://)[^/\s\"'@]{1,256}@"
     r"|\bgh[pousr]_[A-Za-z0-9]{20,}"
     r"|\bsk-[A-Za-z0-9_\-]{20,}"
 )
-_UNSAFE_HINT = (b"\\u0000", b"\\ud", b"\\uD")
-_BIG_INT = re.compile(rb"\d{20}")
 
 
 class IngestError(Exception):
@@ -90,12 +115,12 @@ class LineError(ValueError):
 # --- Request side -----------------------------------------------------------
 
 
-def read_body(stream, encoding: str, limit: int) -> bytes:
+def read_body(stream, encoding: str, limit: int, raw: list[bytes] | None = None) -> bytes:
     """Read and decompress a request body, refusing it as soon as it passes `limit`.
 
     The limit applies to the decompressed size and is enforced while streaming,
     so a small gzip bomb is cut off after `limit` bytes of output, not after
-    inflating it in memory.
+    inflating it in memory. The bytes as received are appended to `raw` if given.
     """
     encoding = (encoding or "identity").strip().lower()
     if encoding in ("", "identity"):
@@ -116,6 +141,8 @@ def read_body(stream, encoding: str, limit: int) -> bytes:
         raw_seen += len(chunk)
         if raw_seen > limit + 65536:
             raise IngestError(413, f"body larger than {limit} bytes")
+        if raw is not None:
+            raw.append(chunk)
         if decompressor is None:
             out += chunk
         else:
@@ -143,24 +170,79 @@ def read_body(stream, encoding: str, limit: int) -> bytes:
     return bytes(out)
 
 
+def spool_body(body: bytes, encoding: str, raw: list[bytes]) -> bytes:
+    """What IngestBatch.body keeps of a judged body: compressed, as cheaply as possible.
+
+    A gzip body is kept as it came (`raw`, whose first member decompresses to
+    `body`, as read_body read it): compressing megabytes again would cost the
+    request more than judging them. Anything else is zlib-compressed.
+    """
+    if encoding.strip().lower() in ("gzip", "x-gzip"):
+        return b"".join(raw)
+    return zlib.compress(body, 1)
+
+
+def unspool_body(data: bytes) -> bytes:
+    """The body spool_body kept: zlib's auto-detection reads both zlib and gzip."""
+    return zlib.decompress(data, 32 + zlib.MAX_WBITS)
+
+
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a batch is parsed and stored.
+
+    A batch allocates several containers per record and keeps them all alive, so
+    the collector runs every 700 allocations and walks the ever larger young heap
+    for nothing (parsed JSON has no cycles): it doubled the cost of parsing a
+    5,000-line batch. Memory is still freed by reference counting; cycles made
+    meanwhile wait for the next collection. Counted, so that one of several
+    request threads finishing does not re-enable it under the others.
+    """
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
+
+
 def _loads(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        # orjson refuses invalid UTF-8 and lone surrogates; the stdlib parser on
-        # a replaced decode accepts both, and scrubbing cleans what is left.
-        return json.loads(raw.decode("utf-8", "replace"))
+        return _lenient_loads(raw)
+
+
+def _lenient_loads(raw: bytes) -> Any:
+    # orjson refuses invalid UTF-8 and lone surrogates; the stdlib parser on
+    # a replaced decode accepts both, and scrubbing cleans what is left.
+    return json.loads(raw.decode("utf-8", "replace"))
 
 
 def _parse_ts(value: Any) -> datetime:
     if isinstance(value, str):
-        text = value.strip()
-        if text.endswith(("Z", "z")):
-            text = text[:-1] + "+00:00"
         try:
-            ts = datetime.fromisoformat(text)
+            ts = datetime.fromisoformat(value)  # the usual, canonical form, as is
         except ValueError:
-            raise LineError("ts: not an ISO 8601 timestamp") from None
+            text = value.strip()
+            if text.endswith(("Z", "z")):
+                text = text[:-1] + "+00:00"
+            try:
+                ts = datetime.fromisoformat(text)
+            except ValueError:
+                raise LineError("ts: not an ISO 8601 timestamp") from None
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = value / 1000 if value > 100_000_000_000 else value
         try:
@@ -219,70 +301,90 @@ class Record:
     trace_id: str
     span_id: str
     truncated: bool = False
+    # Parsed by the lenient stdlib fallback: may hold lone surrogates, huge
+    # integers or infinities, so scrub always walks it.
+    lenient: bool = False
     run: Run | None = field(default=None, repr=False)
 
 
 def normalize(obj: Any, default_run_id: str = "") -> Record:
-    """Judge one record against the Gitoma schema (plus our optional fields)."""
+    """Judge one record against the Gitoma schema (plus our optional fields).
+
+    Runs twice per record (request and worker), so the common case of each field
+    is tested inline; anything unusual goes through _opt_str/_opt_int, which
+    convert or raise. Fields are judged in a fixed order: the first error wins.
+    """
     if not isinstance(obj, dict):
         raise LineError("record must be a JSON object")
-    event = obj.get("event")
-    if not isinstance(event, str) or not event.strip():
+    get = obj.get
+    event = get("event")
+    if not isinstance(event, str) or not (stripped := event.strip()):
         raise LineError("event: required non-empty string")
     if len(event) > 200:
         raise LineError("event: longer than 200 characters")
-    level_raw = obj.get("level") or "info"
-    level = LEVELS.get(level_raw.lower()) if isinstance(level_raw, str) else None
+    level_raw = get("level") or "info"
+    if isinstance(level_raw, str):
+        level = LEVELS.get(level_raw) or LEVELS.get(level_raw.lower())
+    else:
+        level = None
     if level is None:
         raise LineError("level: must be one of debug, info, warn, error")
-    data = obj.get("data")
+    data = get("data")
     if data is None:
         data = {}
     elif not isinstance(data, dict):
         raise LineError("data: must be a JSON object")
-    message = obj.get("message")
+    message = get("message")
     if message is None:
         message = ""
     elif not isinstance(message, str):
         raise LineError("message: must be a string")
-    run_id = _opt_str(obj, "run_id", 128) or default_run_id
+    run_id = get("run_id")
+    if type(run_id) is not str or len(run_id) > 128:
+        run_id = _opt_str(obj, "run_id", 128)
+    ts = _parse_ts(get("ts"))
+    slug = get("slug")
+    if type(slug) is not str or len(slug) > 200:
+        slug = _opt_str(obj, "slug", 200)
+    phase = get("phase")
+    if type(phase) is not str or len(phase) > 64:
+        phase = _opt_str(obj, "phase", 64)
+    seq = get("seq")
+    if seq is not None:
+        seq = _opt_int(obj, "seq")
+    # The rarely sent fields: one lookup each when absent.
+    pid = None if get("pid") is None else _opt_int(obj, "pid")
+    host = "" if get("host") is None else _opt_str(obj, "host", 255)
+    request_id = "" if get("request_id") is None else _opt_str(obj, "request_id", 128)
+    trace_id = "" if get("trace_id") is None else _opt_str(obj, "trace_id", 64)
+    span_id = "" if get("span_id") is None else _opt_str(obj, "span_id", 32)
     return Record(
-        ts=_parse_ts(obj.get("ts")),
-        event=event.strip(),
-        level=level,
-        slug=_opt_str(obj, "slug", 200),
-        phase=_opt_str(obj, "phase", 64),
-        data=data,
-        run_id=run_id,
-        seq=_opt_int(obj, "seq"),
-        message=message,
-        pid=_opt_int(obj, "pid"),
-        host=_opt_str(obj, "host", 255),
-        request_id=_opt_str(obj, "request_id", 128),
-        trace_id=_opt_str(obj, "trace_id", 64),
-        span_id=_opt_str(obj, "span_id", 32),
+        ts,
+        stripped,
+        level,
+        slug,
+        phase,
+        data,
+        run_id or default_run_id,
+        seq,
+        message,
+        pid,
+        host,
+        request_id,
+        trace_id,
+        span_id,
     )
 
 
-def _documents(body: bytes, max_line: int) -> Iterator[tuple[int, bytes | Any]]:
-    """Yield (line number, raw line) for NDJSON, or (index + 1, object) for an array."""
-    stripped = body.lstrip()
-    if stripped[:1] == b"[":
-        try:
-            items = _loads(stripped)
-        except (ValueError, RecursionError) as exc:
-            raise IngestError(400, f"body is not a valid JSON array: {exc}") from None
-        if not isinstance(items, list):
-            raise IngestError(400, "body is not a valid JSON array")
-        yield from enumerate(items, 1)
-        return
-    for number, line in enumerate(body.split(b"\n"), 1):
-        if len(line) > max_line:
-            yield number, LineError(f"line longer than {max_line} bytes")
-            continue
-        line = line.strip()
-        if line:
-            yield number, line
+def _array_items(body: bytes) -> list:
+    """The records of a body that is one JSON array, or the request's 400."""
+    try:
+        items = _loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise IngestError(400, f"body is not a valid JSON array: {exc}") from None
+    if not isinstance(items, list):
+        raise IngestError(400, "body is not a valid JSON array")
+    return items
 
 
 def parse_body(
@@ -291,22 +393,46 @@ def parse_body(
     max_line: int = 1 << 20,
     max_errors: int = 100,
 ) -> tuple[list[tuple[bytes | None, Record]], int, list[dict]]:
-    """Judge every line. Returns (good records with their raw line, rejected count, errors)."""
+    """Judge every line. Returns (good records with their raw line, rejected count, errors).
+
+    The body is NDJSON, or one JSON array (its items have no raw line). This loop
+    runs for every record twice (request and worker), hence its plain shape.
+    """
     good: list[tuple[bytes | None, Record]] = []
+    append = good.append
     errors: list[dict] = []
     rejected = 0
-    for number, doc in _documents(body, max_line):
+
+    def reject(number: int, exc: Exception) -> None:
+        nonlocal rejected
+        rejected += 1
+        if len(errors) < max_errors:
+            message = str(exc) if isinstance(exc, LineError) else f"invalid JSON: {exc}"
+            errors.append({"line": number, "error": message[:300]})
+
+    if body.lstrip()[:1] == b"[":
+        for number, item in enumerate(_array_items(body.lstrip()), 1):
+            try:
+                append((None, normalize(item, default_run_id)))
+            except (LineError, ValueError, RecursionError) as exc:
+                reject(number, exc)
+        return good, rejected, errors
+
+    for number, line in enumerate(body.split(b"\n"), 1):
         try:
-            if isinstance(doc, LineError):
-                raise doc
-            raw = doc if isinstance(doc, bytes) else None
-            obj = _loads(doc) if raw is not None else doc
-            good.append((raw, normalize(obj, default_run_id)))
+            if len(line) > max_line:
+                raise LineError(f"line longer than {max_line} bytes")
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = normalize(orjson.loads(line), default_run_id)
+            except orjson.JSONDecodeError:
+                record = normalize(_lenient_loads(line), default_run_id)
+                record.lenient = True
+            append((line, record))
         except (LineError, ValueError, RecursionError) as exc:
-            rejected += 1
-            if len(errors) < max_errors:
-                message = str(exc) if isinstance(exc, LineError) else f"invalid JSON: {exc}"
-                errors.append({"line": number, "error": message[:300]})
+            reject(number, exc)
     return good, rejected, errors
 
 
@@ -328,11 +454,11 @@ class _Scrubber:
         except UnicodeEncodeError:
             # Lone surrogates: PostgreSQL refuses them; show U+FFFD instead.
             value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        if self.redact:
-            value = _SECRET_VALUE.sub(_redact_match, value)
-        if len(value) > limit:
+        if len(value) > limit:  # cut first: redaction then scans at most `limit`
             self.truncated = True
             value = value[: limit - 1] + ELLIPSIS
+        if self.redact:
+            value = _SECRET_VALUE.sub(_redact_match, value)
         return value
 
     def walk(self, value: Any, depth: int) -> Any:
@@ -379,20 +505,28 @@ def _redact_match(match: re.Match) -> str:
 
 
 def scrub(raw: bytes | None, record: Record) -> None:
-    """Make a record safe for PostgreSQL and free of secrets, walking only when needed."""
-    if raw is None:  # from a JSON array: no raw line to test cheaply
+    """Make a record safe for PostgreSQL and free of secrets, walking only when needed.
+
+    The walk is the expensive part; a search of the raw line decides whether it
+    can matter. Huge integers, lone surrogates and infinities only come from the
+    lenient parser, so its records are always walked, and redacted to be safe.
+    """
+    if raw is None and not record.lenient:  # from a JSON array: no raw line to test
         try:
             raw = orjson.dumps({"d": record.data, "m": record.message}, default=str)
-        except TypeError:  # an integer orjson cannot write: walk to fix it
-            raw = _UNSAFE_HINT[0]
-    redact = bool(_KEY_HINT.search(raw) or _VALUE_HINT.search(raw))
-    deep = raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
-    unsafe = (
-        any(hint in raw for hint in _UNSAFE_HINT)
-        or b"\xef\xbf\xbd" in raw
-        or _BIG_INT.search(raw) is not None
-    )
-    if redact or deep or unsafe or len(raw) > MAX_STRING:
+        except TypeError:  # lone surrogates or an integer orjson cannot write
+            raw = None
+    if raw is None or record.lenient:
+        walk = redact = True
+    else:
+        low = raw.lower()
+        walk = (
+            _WALK_HINT.search(low) is not None
+            or len(raw) > MAX_STRING
+            or raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
+        )
+        redact = walk and _REDACT_HINT.search(low) is not None
+    if walk:
         scrubber = _Scrubber(redact)
         record.data = scrubber.walk(record.data, 0)
         record.message = scrubber.text(record.message, MAX_MESSAGE)
@@ -410,20 +544,26 @@ def scrub(raw: bytes | None, record: Record) -> None:
 # --- Worker side: runs and lifecycle ----------------------------------------
 
 
+_TOKENS_IN = ("tokens_in", "input_tokens", "prompt_tokens")
+_TOKENS_OUT = ("tokens_out", "output_tokens", "completion_tokens")
+
+
+def _first_int(data: dict, usage: dict, keys: tuple[str, ...]) -> int:
+    for source in (data, usage):
+        for key in keys:
+            value = source.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return min(value, 2**40)
+    return 0
+
+
 def _usage(data: dict) -> tuple[int, int, Decimal | None]:
     """Tokens in/out and cost of an `llm.call` record (flat fields or a `usage` object)."""
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-
-    def first_int(*keys: str) -> int:
-        for source in (data, usage):
-            for key in keys:
-                value = source.get(key)
-                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                    return min(value, 2**40)
-        return 0
-
-    tokens_in = first_int("tokens_in", "input_tokens", "prompt_tokens")
-    tokens_out = first_int("tokens_out", "output_tokens", "completion_tokens")
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    tokens_in = _first_int(data, usage, _TOKENS_IN)
+    tokens_out = _first_int(data, usage, _TOKENS_OUT)
     cost = None
     raw_cost = data.get("cost_usd", usage.get("cost_usd"))
     if isinstance(raw_cost, (int, float, str)) and not isinstance(raw_cost, bool):
@@ -434,6 +574,16 @@ def _usage(data: dict) -> tuple[int, int, Decimal | None]:
         except InvalidOperation:
             cost = None
     return tokens_in, tokens_out, cost
+
+
+# Enum members looked up once, not per record.
+_RUNNING, _ORPHANED = Run.Status.RUNNING, Run.Status.ORPHANED
+_SUCCEEDED, _FAILED, _CRASHED = Run.Status.SUCCEEDED, Run.Status.FAILED, Run.Status.CRASHED
+
+
+def _exit_code(data: dict) -> int | None:
+    code = data.get("exit_code")
+    return code if isinstance(code, int) and -(2**31) <= code < 2**31 else None
 
 
 class _RunState:
@@ -478,7 +628,7 @@ class _RunState:
 
         if name == "run.begin":
             run.status, run.exit_clean, run.finished_at, run.duration_ms = (
-                Run.Status.RUNNING,
+                _RUNNING,
                 False,
                 None,
                 None,
@@ -498,8 +648,8 @@ class _RunState:
             parent = data.get("parent_run_id")
             if isinstance(parent, str) and 0 < len(parent) <= 128:
                 self.parent_ref = parent
-        elif run.status == Run.Status.ORPHANED:
-            run.status = Run.Status.RUNNING  # it spoke again: not dead after all
+        elif run.status == _ORPHANED:
+            run.status = _RUNNING  # it spoke again: not dead after all
 
         if name == "phase.start":
             phase = data.get("phase") if isinstance(data.get("phase"), str) else rec.phase
@@ -508,25 +658,18 @@ class _RunState:
         elif rec.phase:
             run.phase = rec.phase
 
-        exit_code = data.get("exit_code")
-        exit_code = (
-            exit_code if isinstance(exit_code, int) and -(2**31) <= exit_code < 2**31 else None
-        )
         if name == "run.exit_clean":
             run.exit_clean = True
-            if run.status == Run.Status.RUNNING:
+            if run.status == _RUNNING:
+                exit_code = _exit_code(data)
                 failed = (exit_code or 0) != 0 or run.phase == "FAILED"
-                run.finish(
-                    Run.Status.FAILED if failed else Run.Status.SUCCEEDED,
-                    rec.ts,
-                    exit_code,
-                )
+                run.finish(_FAILED if failed else _SUCCEEDED, rec.ts, exit_code)
         elif name == "run.crashed":
             run.exit_clean = False
-            run.finish(Run.Status.CRASHED, rec.ts, exit_code)
-        elif run.phase in TERMINAL_PHASES and run.status == Run.Status.RUNNING:
-            status = Run.Status.SUCCEEDED if run.phase == "DONE" else Run.Status.FAILED
-            run.finish(status, rec.ts, exit_code)
+            run.finish(_CRASHED, rec.ts, _exit_code(data))
+        elif run.phase in TERMINAL_PHASES and run.status == _RUNNING:
+            status = _SUCCEEDED if run.phase == "DONE" else _FAILED
+            run.finish(status, rec.ts, _exit_code(data))
 
         if name == "llm.call":
             tokens_in, tokens_out, cost = _usage(data)
@@ -619,35 +762,29 @@ COPY_EVENTS = (
 
 
 def copy_rows(records: list[Record]) -> bytes:
-    """The records as PostgreSQL COPY text: built in one buffer, sent in one write."""
+    """The records as PostgreSQL COPY text: built in one buffer, sent in one write.
+
+    Per record: one formatted prefix, the data as orjson writes it, a suffix.
+    Text fields rarely hold a backslash, tab or line break, so they are tested
+    together and escaped one by one only when one does.
+    """
     parts: list[bytes] = []
     append = parts.append
+    dumps = orjson.dumps
     for rec in records:
-        line = "\t".join(
-            (
-                str(rec.run.pk),
-                rec.ts.isoformat(),
-                str(rec.seq),
-                rec.level,
-                _copy_text(rec.event),
-                _copy_text(rec.phase),
-                _copy_text(rec.message),
+        text = f"{rec.event}\t{rec.phase}\t{rec.message}"
+        if "\\" in text or "\n" in text or "\r" in text or text.count("\t") != 2:
+            text = "\t".join(
+                (_copy_text(rec.event), _copy_text(rec.phase), _copy_text(rec.message))
             )
-        )
-        append(line.encode())
-        append(b"\t")
-        append(orjson.dumps(rec.data, default=str).replace(b"\\", b"\\\\"))
-        append(b"\t")
-        append(
-            "\t".join(
-                (
-                    _copy_text(rec.request_id),
-                    _copy_text(rec.trace_id),
-                    _copy_text(rec.span_id),
-                )
-            ).encode()
-        )
-        append(b"\n")
+        append(f"{rec.run.id}\t{rec.ts.isoformat()}\t{rec.seq}\t{rec.level}\t{text}\t".encode())
+        # JSON escapes control characters itself; COPY needs its backslashes doubled.
+        append(dumps(rec.data, default=str).replace(b"\\", b"\\\\"))
+        if rec.request_id or rec.trace_id or rec.span_id:
+            ids = (_copy_text(rec.request_id), _copy_text(rec.trace_id), _copy_text(rec.span_id))
+            append(("\t" + "\t".join(ids) + "\n").encode())
+        else:
+            append(b"\t\t\t\n")
     return b"".join(parts)
 
 
@@ -677,6 +814,35 @@ RUN_FIELDS = [
 ]
 
 
+@cache
+def _save_runs_sql() -> str:
+    fields = [Run._meta.get_field(name) for name in RUN_FIELDS]
+    qn = connection.ops.quote_name
+    assignments = ", ".join(f"{qn(f.column)} = v.{qn(f.column)}" for f in fields)
+    arrays = ", ".join(f"%s::{f.cast_db_type(connection)}[]" for f in fields)
+    names = ", ".join(qn(f.column) for f in fields)
+    return (
+        f"UPDATE {qn(Run._meta.db_table)} AS r SET {assignments}"
+        f" FROM unnest(%s::bigint[], {arrays}) AS v(id, {names}) WHERE r.id = v.id"
+    )
+
+
+def _save_runs(runs: list[Run]) -> None:
+    """Write the batch's changes to its runs: one UPDATE … FROM unnest(arrays).
+
+    The same as `Run.objects.bulk_update(runs, RUN_FIELDS)`, which builds a
+    CASE WHEN per run and field in Python: ~4 ms a run, a third of the worker's
+    time on a 5,000-line batch that touches ~30 runs. Values are prepared by the
+    fields themselves, as the ORM would.
+    """
+    fields = [Run._meta.get_field(name) for name in RUN_FIELDS]
+    params: list[list] = [[run.pk for run in runs]]
+    for f in fields:
+        params.append([f.get_db_prep_save(getattr(run, f.attname), connection) for run in runs])
+    with connection.cursor() as cursor:
+        cursor.execute(_save_runs_sql(), params)
+
+
 def store_records(project: Project, pairs: list[tuple[bytes | None, Record]]) -> int:
     """Scrub, resolve runs, assign seq, COPY events and update run counters.
 
@@ -702,7 +868,7 @@ def store_records(project: Project, pairs: list[tuple[bytes | None, Record]]) ->
     _link_parents(project, states)
     with connection.cursor() as cursor, cursor.copy(COPY_EVENTS) as copy:
         copy.write(copy_rows(records))
-    Run.objects.bulk_update([s.run for s in states.values()], RUN_FIELDS)
+    _save_runs([s.run for s in states.values()])
     from telemetry.errors import record_event_errors  # imports this module: import late
 
     record_event_errors(project, records)  # error-level events and crashes -> error groups
@@ -717,35 +883,10 @@ def process_batch(batch_id: int) -> bool:
     from telemetry.models import IngestBatch
 
     try:
-        with transaction.atomic():
-            batch = (
-                IngestBatch.objects.select_for_update(skip_locked=True)
-                .select_related("project")
-                .filter(pk=batch_id, state=IngestBatch.State.PENDING)
-                .first()
-            )
-            if batch is None:
-                return False  # done already, or another worker holds it right now
-            body = zlib.decompress(bytes(batch.body))
-            pairs, _, _ = parse_body(body, batch.params.get("run_id", ""))
-            stored = store_records(batch.project, pairs)
-            batch.state = IngestBatch.State.DONE
-            batch.processed_at = timezone.now()
-            batch.attempts += 1
-            batch.error = ""
-            batch.body = b""  # the rows are the record now; keep the spool small
-            batch.summary = {**batch.summary, "stored": stored}
-            batch.save(
-                update_fields=[
-                    "state",
-                    "processed_at",
-                    "attempts",
-                    "error",
-                    "body",
-                    "summary",
-                ]
-            )
-            return True
+        with gc_paused():
+            # The batch's records live and die in _store_batch's frame: freed before the
+            # collector resumes, rather than walked by it once more on the way out.
+            return _store_batch(batch_id)
     except Exception as exc:
         # Nothing of the batch was stored (the transaction rolled back). Count the
         # attempt; the sweeper retries it, and gives up after MAX_ATTEMPTS.
@@ -756,3 +897,48 @@ def process_batch(batch_id: int) -> bool:
             pk=batch_id, state=IngestBatch.State.PENDING, attempts__gte=MAX_ATTEMPTS
         ).update(state=IngestBatch.State.FAILED)
         raise
+
+
+def _store_batch(batch_id: int) -> bool:
+    from telemetry.models import IngestBatch
+
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            # The spool row is the durable record of the batch (the request's commit
+            # waited for the disk before its 202). If this commit is lost in a crash,
+            # its rows and the `done` go together and the batch, body intact, is
+            # processed again; so no need to wait for the WAL flush here.
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        batch = (
+            # of=self: lock only the batch row. Locking the joined project row too
+            # would make a second worker skip every other batch of the same project.
+            IngestBatch.objects.select_for_update(skip_locked=True, of=("self",))
+            .select_related("project")
+            .filter(pk=batch_id, state=IngestBatch.State.PENDING)
+            .first()
+        )
+        if batch is None:
+            return False  # done already, or another worker holds it right now
+        body = unspool_body(bytes(batch.body))
+        # The request's line limit: the worker must keep exactly the lines it accepted.
+        pairs, _, _ = parse_body(
+            body, batch.params.get("run_id", ""), settings.INGEST_MAX_LINE_BYTES
+        )
+        stored = store_records(batch.project, pairs)
+        batch.state = IngestBatch.State.DONE
+        batch.processed_at = timezone.now()
+        batch.attempts += 1
+        batch.error = ""
+        batch.body = b""  # the rows are the record now; keep the spool small
+        batch.summary = {**batch.summary, "stored": stored}
+        batch.save(
+            update_fields=[
+                "state",
+                "processed_at",
+                "attempts",
+                "error",
+                "body",
+                "summary",
+            ]
+        )
+        return True

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import zlib
-
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.http import HttpRequest, JsonResponse
 from ninja import Router, Schema, Status
 
 from portal.api import project_auth
-from runs.ingest import IngestError, parse_body, read_body
+from runs.ingest import IngestError, gc_paused, parse_body, read_body, spool_body
 from telemetry.models import IngestBatch
 
 router = Router(tags=["ingest"])
@@ -90,31 +88,34 @@ def ingest_events(request: HttpRequest, run_id: str = ""):
         if earlier is not None:
             return Status(202, {**earlier.summary, "batch": earlier.id})
 
+    encoding = request.headers.get("Content-Encoding", "")
+    raw: list[bytes] = []
     try:
-        body = read_body(
-            request,
-            request.headers.get("Content-Encoding", ""),
-            settings.INGEST_MAX_BYTES,
-        )
+        body = read_body(request, encoding, settings.INGEST_MAX_BYTES, raw)
         if not body.strip():
             return _error(400, "empty body: send one JSON record per line")
-        pairs, rejected, errors = parse_body(
-            body,
-            run_id,
-            settings.INGEST_MAX_LINE_BYTES,
-            settings.INGEST_MAX_ERRORS_REPORTED,
-        )
+        with gc_paused():
+            pairs, rejected, errors = parse_body(
+                body,
+                run_id,
+                settings.INGEST_MAX_LINE_BYTES,
+                settings.INGEST_MAX_ERRORS_REPORTED,
+            )
+            # Only the count is kept (the worker parses the spooled body again); the
+            # records go now, before the collector resumes and would walk them.
+            accepted = len(pairs)
+            del pairs
     except IngestError as exc:
         return _error(exc.status, exc.message)
 
-    summary = {"accepted": len(pairs), "rejected": rejected, "errors": errors}
-    if not pairs:
+    summary = {"accepted": accepted, "rejected": rejected, "errors": errors}
+    if not accepted:
         return Status(400, {**summary, "batch": None})
     try:
         with transaction.atomic():
             batch = IngestBatch.objects.create(
                 project=project,
-                body=zlib.compress(body, 1),
+                body=spool_body(body, encoding, raw),
                 params={"run_id": run_id} if run_id else {},
                 idempotency_key=key,
                 request_id=getattr(request, "request_id", ""),

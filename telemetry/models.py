@@ -50,8 +50,8 @@ class IngestBatch(models.Model):
     state = models.CharField(max_length=8, choices=State.choices, default=State.PENDING)
     attempts = models.PositiveSmallIntegerField(default=0)
     error = models.TextField(blank=True)
-    # zlib-compressed, already size-checked body; `params` holds query parameters
-    # that change its meaning (the default run_id).
+    # The already size-checked body, compressed (gzip bodies as sent, others zlib);
+    # `params` holds query parameters that change its meaning (the default run_id).
     body = models.BinaryField()
     params = models.JSONField(default=dict, blank=True)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)

@@ -54,7 +54,7 @@ def test_a_worker_dying_before_commit_leaves_nothing_and_a_rerun_stores_once(
         raise RuntimeError("worker killed")
 
     # Fail after the COPY, inside the transaction: PostgreSQL rolls it all back.
-    monkeypatch.setattr(ingest.Run.objects, "bulk_update", die)
+    monkeypatch.setattr(ingest, "_save_runs", die)
     with pytest.raises(RuntimeError):
         ingest.process_batch(batch.id)
     assert not Event.objects.exists()

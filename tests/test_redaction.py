@@ -55,3 +55,13 @@ def test_secrets_inside_strings_are_redacted(post_events):
 def test_ordinary_data_is_left_alone(post_events):
     data = {"sha": "a1b2c3d", "files": ["README.md"], "url": "https://github.com/o/r"}
     assert stored(post_events, data=data).data == data
+
+
+def test_redaction_stays_linear_on_hostile_strings(post_events):
+    import time
+
+    hostile = "a" * 30_000 + "bearer " + "b" * 30_000 + " https://" + "c" * 2000
+    started = time.monotonic()
+    event = stored(post_events, data={"password_hint": hostile, "s": "x" + "a" * 60_000})
+    assert time.monotonic() - started < 2.0
+    assert event.data["s"].endswith("…")
