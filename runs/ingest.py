@@ -33,9 +33,10 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
 from runs.ids import uuid7
-from runs.models import TERMINAL_PHASES, Project, Run
+from runs.models import TERMINAL_PHASES, ModelPrice, PriceBook, Project, Run
 
 LEVELS = {
     "debug": "debug",
@@ -586,6 +587,18 @@ def _exit_code(data: dict) -> int | None:
     return code if isinstance(code, int) and -(2**31) <= code < 2**31 else None
 
 
+class _Prices:
+    """The model price table, read once per batch and only if a call needs pricing."""
+
+    def __init__(self):
+        self._book: PriceBook | None = None
+
+    def cost(self, model: str, tokens_in: int, tokens_out: int, at: datetime) -> Decimal | None:
+        if self._book is None:
+            self._book = ModelPrice.objects.book()
+        return self._book.cost(model, tokens_in, tokens_out, at)
+
+
 class _RunState:
     """What one batch changes on one run, applied in memory and saved once."""
 
@@ -598,10 +611,12 @@ class _RunState:
         "tokens_out",
         "cost",
         "parent_ref",
+        "prices",
     )
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, prices: _Prices):
         self.run = run
+        self.prices = prices
         self.parent_ref = ""  # run_id of the run this one was forked from
         self.events = self.errors = self.warnings = self.tokens_in = self.tokens_out = 0
         self.cost = Decimal(0)
@@ -673,6 +688,15 @@ class _RunState:
 
         if name == "llm.call":
             tokens_in, tokens_out, cost = _usage(data)
+            if cost is None and (tokens_in or tokens_out):
+                # The client sent no cost: price the call at the price valid when it
+                # happened, and keep it on the event (marked) for the provider tables.
+                model = data.get("model")
+                if isinstance(model, str):
+                    cost = self.prices.cost(model, tokens_in, tokens_out, rec.ts)
+                    if cost is not None:
+                        data["cost_usd"] = float(cost)
+                        data["_cost_computed"] = True
             self.tokens_in += tokens_in
             self.tokens_out += tokens_out
             if cost is not None:
@@ -726,7 +750,8 @@ def _resolve_runs(project: Project, records: list[Record]) -> dict[str, _RunStat
         .filter(project=project, run_id__in=list(wanted))
         .order_by("id")
     )
-    states = {run.run_id: _RunState(run) for run in locked}
+    prices = _Prices()
+    states = {run.run_id: _RunState(run, prices) for run in locked}
     for rec in records:
         rec.run = states[rec.run_id].run
     return states
@@ -899,6 +924,25 @@ def process_batch(batch_id: int) -> bool:
         raise
 
 
+def store_events_batch(batch, body: bytes) -> int:
+    """Store a spooled `POST /api/ingest/events` body; returns the events stored."""
+    # The request's line limit: the worker must keep exactly the lines it accepted.
+    pairs, _, _ = parse_body(body, batch.params.get("run_id", ""), settings.INGEST_MAX_LINE_BYTES)
+    return store_records(batch.project, pairs)
+
+
+# Batch kind -> the function that stores one spooled body of that kind, inside the
+# transaction that marks the batch done. Each takes (batch, body) and returns the
+# number of items stored; every spooled endpoint shares the claim/retry logic below.
+BATCH_HANDLERS = {
+    "events": "runs.ingest.store_events_batch",
+    "metrics": "runs.metrics.store_metrics_batch",
+    "otlp_logs": "telemetry.otlp.store_logs_batch",
+    "otlp_metrics": "telemetry.otlp.store_metrics_batch",
+    "otlp_traces": "telemetry.otlp.store_traces_batch",
+}
+
+
 def _store_batch(batch_id: int) -> bool:
     from telemetry.models import IngestBatch
 
@@ -920,11 +964,7 @@ def _store_batch(batch_id: int) -> bool:
         if batch is None:
             return False  # done already, or another worker holds it right now
         body = unspool_body(bytes(batch.body))
-        # The request's line limit: the worker must keep exactly the lines it accepted.
-        pairs, _, _ = parse_body(
-            body, batch.params.get("run_id", ""), settings.INGEST_MAX_LINE_BYTES
-        )
-        stored = store_records(batch.project, pairs)
+        stored = import_string(BATCH_HANDLERS[batch.kind])(batch, body)
         batch.state = IngestBatch.State.DONE
         batch.processed_at = timezone.now()
         batch.attempts += 1

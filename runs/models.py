@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import hashlib
 import mimetypes
 import os
@@ -604,3 +605,111 @@ def diff_texts(old: str, new: str, old_label: str, new_label: str) -> Diff:
         old.splitlines(), new.splitlines(), old_label, new_label, lineterm="", n=3
     )
     return parse_unified_diff("\n".join(lines))
+
+
+class RunMetric(models.Model):
+    """One number an agent reported: GitTinkerer's `run_metrics`, Code Buddy's tool and
+    provider metrics, OTLP sums and gauges. High volume, append-only, like Event.
+
+    `run` is nullable (a metric about the fleet, or one whose run was pruned) and has
+    no database-level constraint, for the same bulk-load reason as Event.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    project = models.ForeignKey(Project, models.CASCADE, related_name="metrics")
+    run = models.ForeignKey(
+        Run,
+        models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        null=True,
+        blank=True,
+        related_name="metrics",
+    )
+    name = models.CharField(max_length=200)
+    value = models.FloatField()
+    unit = models.CharField(max_length=32, blank=True)
+    labels = models.JSONField(default=dict, blank=True)
+    recorded_at = models.DateTimeField(default=timezone.now)
+    # Where it came from: "api" (POST /api/metrics/record), "otlp", "event".
+    source = models.CharField(max_length=8, default="api")
+
+    class Meta:
+        indexes = [
+            # Aggregations filter by project and name over a time window.
+            models.Index(fields=["project", "name", "recorded_at"], name="metric_project_name"),
+            # The run page's metrics panel.
+            models.Index(fields=["run", "name"], name="metric_run_name"),
+            BrinIndex(fields=["recorded_at"], name="metric_recorded_brin"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.value}"
+
+
+class ModelPriceQuerySet(models.QuerySet):
+    def book(self) -> PriceBook:
+        """Every price, loaded once: a batch prices all its calls from memory."""
+        return PriceBook(list(self.order_by("-valid_from", "-id")))
+
+
+class ModelPrice(models.Model):
+    """What one model's tokens cost from a date on; edited by operators in the admin.
+
+    `model` is an exact name or a glob pattern (`claude-sonnet-4*`); the exact name
+    wins over a pattern, and among patterns the longest (most specific) one.
+    """
+
+    model = models.CharField(max_length=200, help_text="Exact model name or glob (gpt-4o*).")
+    input_per_mtok = models.DecimalField("input USD per 1M tokens", max_digits=12, decimal_places=6)
+    output_per_mtok = models.DecimalField(
+        "output USD per 1M tokens", max_digits=12, decimal_places=6
+    )
+    valid_from = models.DateTimeField(default=timezone.now)
+    note = models.CharField(max_length=200, blank=True)
+
+    objects = ModelPriceQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["model", "-valid_from"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "valid_from"], name="price_model_from")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} from {self.valid_from:%Y-%m-%d}"
+
+    def cost(self, tokens_in: int, tokens_out: int) -> Decimal:
+        total = self.input_per_mtok * tokens_in + self.output_per_mtok * tokens_out
+        return (total / 1_000_000).quantize(Decimal("0.000001"))
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+class PriceBook:
+    """The price table in memory, for pricing many calls without a query each."""
+
+    def __init__(self, prices: list[ModelPrice]):
+        # Newest first within each model, as the queryset ordered them.
+        self.prices = prices
+
+    def price(self, model: str, at: datetime) -> ModelPrice | None:
+        """The price of `model` valid at `at`: exact name first, then the longest glob."""
+        if not model:
+            return None
+        best: ModelPrice | None = None
+        for price in self.prices:
+            if price.valid_from > at:
+                continue
+            if price.model == model:
+                return price
+            longer = best is None or len(price.model) > len(best.model)
+            if longer and _is_glob(price.model) and fnmatch.fnmatchcase(model, price.model):
+                best = price
+        return best
+
+    def cost(self, model: str, tokens_in: int, tokens_out: int, at: datetime) -> Decimal | None:
+        price = self.price(model, at)
+        return price.cost(tokens_in, tokens_out) if price is not None else None

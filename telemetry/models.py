@@ -42,6 +42,10 @@ class IngestBatch(models.Model):
 
     class Kind(models.TextChoices):
         EVENTS = "events"
+        METRICS = "metrics"
+        OTLP_LOGS = "otlp_logs"
+        OTLP_METRICS = "otlp_metrics"
+        OTLP_TRACES = "otlp_traces"
 
     id = models.BigAutoField(primary_key=True)
     project = models.ForeignKey(Project, models.CASCADE, related_name="batches")
