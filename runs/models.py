@@ -633,6 +633,9 @@ class RunMetric(models.Model):
     recorded_at = models.DateTimeField(default=timezone.now)
     # Where it came from: "api" (POST /api/metrics/record), "otlp", "event".
     source = models.CharField(max_length=8, default="api")
+    # OTLP histogram points: {"bounds": [...], "counts": [...], "sum", "count", "min",
+    # "max"} with delta temporality; `value` then holds the point's sum.
+    histogram = models.JSONField(null=True, blank=True)
 
     class Meta:
         indexes = [

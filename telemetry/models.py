@@ -277,3 +277,67 @@ class ErrorReport(models.Model):
 
     def __str__(self) -> str:
         return f"report {self.id} of group {self.group_id}"
+
+
+class Span(models.Model):
+    """One OTLP span. Spans arrive in any order, across requests, parents after children:
+    the tree is rebuilt at read time from `parent_span_id`, never linked by a key.
+    """
+
+    class Kind(models.IntegerChoices):
+        UNSPECIFIED = 0
+        INTERNAL = 1
+        SERVER = 2
+        CLIENT = 3
+        PRODUCER = 4
+        CONSUMER = 5
+
+    class StatusCode(models.IntegerChoices):
+        UNSET = 0
+        OK = 1
+        ERROR = 2
+
+    id = models.BigAutoField(primary_key=True)
+    project = models.ForeignKey(Project, models.CASCADE, related_name="spans")
+    run = models.ForeignKey(
+        "runs.Run",
+        models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        null=True,
+        blank=True,
+        related_name="spans",
+    )
+    trace_id = models.CharField(max_length=32, help_text="32 lowercase hex digits")
+    span_id = models.CharField(max_length=16, help_text="16 lowercase hex digits")
+    parent_span_id = models.CharField(max_length=16, blank=True)
+    name = models.CharField(max_length=200)
+    kind = models.PositiveSmallIntegerField(choices=Kind.choices, default=Kind.UNSPECIFIED)
+    service = models.CharField(max_length=200, blank=True)
+    start_time = models.DateTimeField()
+    end_time = models.DateTimeField()
+    duration_ms = models.FloatField()
+    status_code = models.PositiveSmallIntegerField(
+        choices=StatusCode.choices, default=StatusCode.UNSET
+    )
+    status_message = models.TextField(blank=True)
+    attributes = models.JSONField(default=dict, blank=True)
+    resource = models.JSONField(default=dict, blank=True)
+    # Span events: [{"name", "time", "attributes"}], as sent.
+    events = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        constraints = [
+            # An exporter's retry of the same request stores nothing twice.
+            models.UniqueConstraint(
+                fields=["project", "trace_id", "span_id"], name="span_unique_per_trace"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["run", "start_time"], name="span_run_start"),
+            models.Index(fields=["project", "name", "start_time"], name="span_project_name"),
+            BrinIndex(fields=["start_time"], name="span_start_brin"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.span_id})"

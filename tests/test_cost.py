@@ -1,4 +1,4 @@
-"""Cost of llm.call events: computed from the price valid at the call, unless the client sent one."""
+"""Cost of llm.call events: priced at the call's time unless the client sent a cost."""
 
 from __future__ import annotations
 
