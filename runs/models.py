@@ -695,23 +695,33 @@ class PriceBook:
     """The price table in memory, for pricing many calls without a query each."""
 
     def __init__(self, prices: list[ModelPrice]):
-        # Newest first within each model, as the queryset ordered them.
         self.prices = prices
+        self._candidates: dict[str, list[ModelPrice]] = {}
+
+    def candidates(self, model: str) -> list[ModelPrice]:
+        """The prices that can apply to `model`, best first: the exact name before any
+        glob, longer globs before shorter ones, newer prices before older ones.
+        Matched once per model name; a batch prices thousands of calls of a few models.
+        """
+        found = self._candidates.get(model)
+        if found is None:
+            found = [
+                p
+                for p in self.prices
+                if p.model == model or (_is_glob(p.model) and fnmatch.fnmatchcase(model, p.model))
+            ]
+            found.sort(key=lambda p: (p.model != model, -len(p.model), -p.valid_from.timestamp()))
+            self._candidates[model] = found
+        return found
 
     def price(self, model: str, at: datetime) -> ModelPrice | None:
         """The price of `model` valid at `at`: exact name first, then the longest glob."""
         if not model:
             return None
-        best: ModelPrice | None = None
-        for price in self.prices:
-            if price.valid_from > at:
-                continue
-            if price.model == model:
+        for price in self.candidates(model):
+            if price.valid_from <= at:
                 return price
-            longer = best is None or len(price.model) > len(best.model)
-            if longer and _is_glob(price.model) and fnmatch.fnmatchcase(model, price.model):
-                best = price
-        return best
+        return None
 
     def cost(self, model: str, tokens_in: int, tokens_out: int, at: datetime) -> Decimal | None:
         price = self.price(model, at)
