@@ -74,6 +74,9 @@ _SECRET_KEY = re.compile(
 _REDACT_HINT = re.compile(
     rb'passw|pwd|secret|token"|api_?key|private_key|credential|authorization|cookie'
     rb'|bearer|basic|:\\?/\\?/[^/\s"]*@|gh[pousr]_|sk-'
+    # An ASCII character written as a JSON escape (`pass\u0077ord`) hides a key or
+    # value from the tests above: such a line is redacted after decoding.
+    rb"|\\u00[2-7]"
 )
 # What decides whether a line is walked at all: _REDACT_HINT plus what needs
 # cleaning (NUL, lone surrogates, U+FFFD), run on every line. It matches the
@@ -88,7 +91,7 @@ _WALK_HINT = re.compile(
     rb"|b(?:earer|asic)"
     rb"|gh[pousr]_"
     rb'|/(?:(?<=:/)|(?<=:\\/))\\?/[^/\s"]*@'
-    rb"|\\u(?:0000|d)|\xef\xbf\xbd"
+    rb"|\\u(?:0000|d|00[2-7])|\xef\xbf\xbd"
 )
 _SECRET_VALUE = re.compile(
     r"(?i)(?P<scheme>\bbearer\s+|\bbasic\s+)[A-Za-z0-9._~+/=\-]+"
@@ -133,6 +136,7 @@ def read_body(stream, encoding: str, limit: int, raw: list[bytes] | None = None)
     else:
         raise IngestError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
 
+    gzipped = encoding in ("gzip", "x-gzip")
     out = bytearray()
     raw_seen = 0
     while True:
@@ -154,6 +158,11 @@ def read_body(stream, encoding: str, limit: int, raw: list[bytes] | None = None)
                     if len(out) > limit:
                         break
                     data = decompressor.unconsumed_tail
+                    if not data and decompressor.eof and decompressor.unused_data and gzipped:
+                        # Several gzip members one after the other (`cat a.gz b.gz`, a
+                        # shipper appending): each is read, as gunzip reads them.
+                        data = decompressor.unused_data
+                        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
             except zlib.error:
                 if encoding == "deflate" and raw_seen == len(chunk) and not out:
                     # Some clients send raw deflate without the zlib header.
@@ -184,8 +193,15 @@ def spool_body(body: bytes, encoding: str, raw: list[bytes]) -> bytes:
 
 
 def unspool_body(data: bytes) -> bytes:
-    """The body spool_body kept: zlib's auto-detection reads both zlib and gzip."""
-    return zlib.decompress(data, 32 + zlib.MAX_WBITS)
+    """The body spool_body kept: zlib's auto-detection reads both zlib and gzip, and
+    every member of a multi-member gzip body, as read_body did.
+    """
+    parts = []
+    while data:
+        decompressor = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        parts.append(decompressor.decompress(data))
+        data = decompressor.unused_data
+    return b"".join(parts)
 
 
 _gc_lock = threading.Lock()
@@ -737,10 +753,12 @@ def _resolve_runs(project: Project, records: list[Record]) -> dict[str, _RunStat
     wanted: dict[str, Record] = {}  # the first record of each run names its slug
     for rec in records:
         wanted.setdefault(rec.run_id, rec)
+    # Inserted in run_id order: two batches creating the same new runs then take
+    # their index locks in the same order and cannot deadlock each other.
     Run.objects.bulk_create(
         [
             Run(project=project, run_id=run_id, slug=rec.slug, started_at=rec.ts)
-            for run_id, rec in wanted.items()
+            for run_id, rec in sorted(wanted.items())
         ],
         ignore_conflicts=True,
     )

@@ -153,6 +153,39 @@ def test_undecodable_gzip_is_a_400(post_events, client, token):
     assert "gzip" in response.json()["detail"]
 
 
+def test_a_gzip_body_of_several_members_is_read_to_the_end(
+    client, token, django_capture_on_commit_callbacks
+):
+    # `cat monday.gz tuesday.gz`: gunzip reads both members, so must we, and the worker too.
+    first = gzip.compress(ndjson(*[record("a.first", run_id="m")] * 3))
+    second = gzip.compress(ndjson(*[record("a.second", run_id="m")] * 2))
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(
+            "/api/ingest/events",
+            first + second,
+            content_type="application/x-ndjson",
+            HTTP_AUTHORIZATION=f"Bearer {token}",
+            HTTP_CONTENT_ENCODING="gzip",
+        )
+    assert response.status_code == 202
+    assert response.json()["accepted"] == 5
+    names = list(Event.objects.order_by("seq").values_list("event", flat=True))
+    assert names == ["a.first"] * 3 + ["a.second"] * 2
+
+
+def test_garbage_after_a_gzip_member_is_a_400(client, token):
+    data = gzip.compress(ndjson(record("a.b"))) + b"not gzip at all"
+    response = client.post(
+        "/api/ingest/events",
+        data,
+        content_type="application/x-ndjson",
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+        HTTP_CONTENT_ENCODING="gzip",
+    )
+    assert response.status_code == 400
+    assert Event.objects.count() == 0
+
+
 def test_truncated_gzip_is_a_400(client, token):
     data = gzip.compress(ndjson(*[record("a.b")] * 100))
     response = client.post(

@@ -94,3 +94,12 @@ def test_llm_calls_add_up_tokens_and_cost_per_run(post_events):
     )
     assert (run.tokens_in, run.tokens_out) == (105, 11)
     assert float(run.cost_usd) == 0.5
+
+
+def test_new_runs_of_a_batch_are_created_in_run_id_order(post_events):
+    # Two batches creating the same runs must take their locks in the same order, or
+    # PostgreSQL aborts one of them as a deadlock: the order is the run ids', not the
+    # order the records happen to arrive in.
+    post_events(ndjson(record("a.b", run_id="zulu"), record("a.b", run_id="alpha")))
+    created = list(Run.objects.order_by("id").values_list("run_id", flat=True))
+    assert created == ["alpha", "zulu"]

@@ -65,3 +65,17 @@ def test_redaction_stays_linear_on_hostile_strings(post_events):
     event = stored(post_events, data={"password_hint": hostile, "s": "x" + "a" * 60_000})
     assert time.monotonic() - started < 2.0
     assert event.data["s"].endswith("…")
+
+
+def test_secrets_spelled_with_json_escapes_are_redacted_too(post_events):
+    # `pass\u0077ord` decodes to `password`; the raw line shows neither the key nor
+    # `Bearer`, so the quick test on the raw line must not wave it through.
+    body = (
+        b'{"ts":"2026-04-21T05:12:34Z","slug":"s","level":"info","event":"a.b",'
+        b'"message":"\\u0042earer abc.def","data":{"pass\\u0077ord":"hunter2",'
+        b'"api\\u005fkey":"k-123"}}\n'
+    )
+    post_events(body, run_id="r")
+    event = Event.objects.get()
+    assert event.data == {"password": "[redacted]", "api_key": "[redacted]"}
+    assert event.message == "Bearer [redacted]"
