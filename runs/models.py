@@ -7,6 +7,7 @@ import mimetypes
 import os
 import re
 import secrets
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -119,9 +120,37 @@ class RunQuerySet(models.QuerySet):
         live = self.filter(status__in=[Run.Status.RUNNING, Run.Status.ORPHANED])
         return live.filter(Q(status=Run.Status.ORPHANED) | Q(pk__in=candidates))
 
+    def dead_on_this_host(self) -> list[int]:
+        """Running runs whose reported pid is gone, for runs on the machine we run on.
+
+        SPEC §7's "pid known dead on its host": when an agent runs on the same host
+        as the portal (or a worker), the kernel can tell at once that its process is
+        gone, long before 90 s of silence. Other hosts' pids mean nothing here.
+        """
+        hosts = {socket.gethostname(), socket.getfqdn()}
+        live = (
+            self.filter(status=Run.Status.RUNNING, exit_clean=False, host__in=hosts)
+            .filter(pid__gt=0)
+            .exclude(phase__in=TERMINAL_PHASES)
+        )
+        return [pk for pk, pid in live.values_list("pk", "pid") if not pid_alive(pid)]
+
     def mark_orphans(self, now: datetime | None = None) -> int:
-        # One conditional UPDATE: two beat ticks or two workers never flip a run twice.
-        return self.orphan_candidates(now).update(status=Run.Status.ORPHANED)
+        # Conditional UPDATEs: two beat ticks or two workers never flip a run twice.
+        silent = self.orphan_candidates(now).update(status=Run.Status.ORPHANED)
+        dead = self.filter(pk__in=self.dead_on_this_host(), status=Run.Status.RUNNING)
+        return silent + dead.update(status=Run.Status.ORPHANED)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (signal 0 checks only)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or a pid we cannot judge: assume alive
+    return True
 
 
 class Run(models.Model):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 from datetime import timedelta
 
 import pytest
@@ -124,6 +127,19 @@ def test_a_run_that_never_spoke_is_orphaned_after_the_grace_period(project):
     make_run(project, "mute", created=timezone.now() - timedelta(minutes=5))
     call_command("detect_orphans")
     assert Run.objects.get(run_id="mute").status == "orphaned"
+
+
+def test_a_run_on_this_host_whose_process_is_gone_is_orphaned_at_once(project):
+    # SPEC §7: a pid known dead on its host. Our own host can tell without waiting.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    here, now = socket.gethostname(), timezone.now()
+    make_run(project, "dead", host=here, pid=gone.pid, last_heartbeat=now)
+    make_run(project, "living", host=here, pid=os.getpid(), last_heartbeat=now)
+    make_run(project, "elsewhere", host="another-box", pid=gone.pid, last_heartbeat=now)
+    make_run(project, "ended", host=here, pid=gone.pid, phase="DONE", last_heartbeat=now)
+    assert Run.objects.mark_orphans() == 1
+    assert Run.objects.get(status="orphaned").run_id == "dead"
 
 
 # --- Retention ----------------------------------------------------------------
