@@ -2,7 +2,7 @@ from django.contrib import admin, messages
 from django.urls import reverse
 from django.utils.html import format_html
 
-from runs.models import Artifact, Event, Project, ProjectToken, Run
+from runs.models import Artifact, Event, ModelPrice, Project, ProjectToken, Run, RunMetric
 from runs.retention import delete_runs
 
 
@@ -118,6 +118,40 @@ class EventAdmin(admin.ModelAdmin):
     raw_id_fields = ("run",)
     ordering = ("-id",)
     show_full_result_count = False  # COUNT(*) of the biggest table on every page
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin):
+    """The price list that token metrics and llm.call events are priced with."""
+
+    list_display = ("model", "input_per_mtok", "output_per_mtok", "valid_from", "note")
+    search_fields = ("model",)
+    search_help_text = "Model name or pattern"
+    ordering = ("model", "-valid_from")
+
+
+@admin.register(RunMetric)
+class RunMetricAdmin(admin.ModelAdmin):
+    """Read-only: metrics are what agents reported."""
+
+    list_display = ("id", "name", "value", "unit", "run", "project", "recorded_at", "source")
+    # No filter on name or unit: their distinct values would be a scan of the whole table.
+    list_filter = ("source", "project", ("recorded_at", admin.DateFieldListFilter))
+    search_fields = ("^name", "=run__run_id")
+    search_help_text = "The start of a metric name, or an exact run id"
+    list_select_related = ("run", "project")
+    raw_id_fields = ("run",)
+    ordering = ("-id",)
+    show_full_result_count = False
 
     def has_add_permission(self, request) -> bool:
         return False

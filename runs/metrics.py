@@ -1,0 +1,434 @@
+"""Run metrics: from `POST /api/metrics/record` bodies to rows in `runs_runmetric`.
+
+Like run events, two halves share one judge (`judge`), so an item the request
+counted as accepted is exactly an item the worker stores:
+
+* the request (`parse_metrics`) judges every item and checks its run ids exist,
+  then the raw body is spooled as an IngestBatch of kind `metrics`;
+* the worker (`store_metrics_batch`) judges the spooled body again, prices token
+  metrics, writes every point with one `COPY` and adds to the runs' counters with
+  one `UPDATE`, in the transaction that marks the batch done.
+
+Standard names (GitTinkerer's `run_metrics`, Code Buddy's provider metrics) get
+their unit from `STANDARD_UNITS`; every other name is a custom metric.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from django.db import connection
+
+from runs.ingest import _SECRET_KEY, _SECRET_VALUE, REDACTED, LineError, _parse_ts, _redact_match
+from runs.models import ModelPrice, PriceBook, Project, Run
+
+# name -> unit. `tokens_used` is GitTinkerer's total (input and output together).
+STANDARD_UNITS = {
+    "duration_ms": "ms",
+    "exit_code": "",
+    "tokens_used": "tokens",
+    "tokens_in": "tokens",
+    "tokens_out": "tokens",
+    "files_changed": "files",
+    "cost_usd": "USD",
+}
+# Standard metrics that count something: a negative value is a client bug.
+NON_NEGATIVE = frozenset(STANDARD_UNITS) - {"exit_code"}
+MAX_NAME = 200
+MAX_UNIT = 32
+MAX_LABELS = 64
+MAX_LABEL_KEY = 100
+MAX_LABEL_VALUE = 200
+MAX_RUN_ID = 128
+MAX_ITEMS = 50_000
+MAX_COST = 10**7  # one point; Run.cost_usd holds up to 10^8
+MAX_TOKENS = 2**40  # as llm.call events: anything larger is not a token count
+
+
+class MetricError(ValueError):
+    """One item is refused; the message names the field."""
+
+
+class BodyError(ValueError):
+    """The whole body is refused (400 or 413)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(slots=True)
+class Metric:
+    name: str
+    value: float
+    unit: str
+    labels: dict[str, str]
+    recorded_at: datetime
+    run_id: str  # the client's run id; "" for a fleet metric (no run)
+    run_pk: int | None = field(default=None)
+
+
+def _clean(text: str) -> str:
+    # PostgreSQL refuses NUL in text and JSONB: drop it rather than the item.
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
+def _first(obj: dict, *keys: str) -> Any:
+    """The first of several accepted spellings (GitTinkerer's, then the short one)."""
+    for key in keys:
+        value = obj.get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def _value(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise MetricError("metric_value: must be a number, not a boolean")
+    if isinstance(raw, (int, float)):
+        try:
+            value = float(raw)
+        except OverflowError:
+            raise MetricError("metric_value: out of range") from None
+    elif isinstance(raw, str) and len(raw) <= 64:
+        # Shell emitters (`record_metric tokens_used 1250`) often quote their numbers.
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise MetricError("metric_value: not a number") from None
+    elif raw is None:
+        raise MetricError("metric_value: required")
+    else:
+        raise MetricError("metric_value: must be a number")
+    if not math.isfinite(value):
+        raise MetricError("metric_value: must be finite (no NaN or infinity)")
+    return value
+
+
+def _labels(raw: Any) -> dict[str, str]:
+    """Labels as a flat object of strings: numbers and booleans are written as text."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise MetricError("labels: must be a JSON object")
+    if len(raw) > MAX_LABELS:
+        raise MetricError(f"labels: more than {MAX_LABELS} keys")
+    labels: dict[str, str] = {}
+    for key, value in raw.items():
+        key = _clean(key)
+        if not key or len(key) > MAX_LABEL_KEY:
+            raise MetricError(f"labels: keys must be 1 to {MAX_LABEL_KEY} characters")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, int):
+            value = str(value)
+        elif isinstance(value, float):
+            value = repr(value) if math.isfinite(value) else str(value)
+        elif not isinstance(value, str):
+            raise MetricError(f"labels.{key[:40]}: must be a string, number or boolean")
+        if len(value) > MAX_LABEL_VALUE:
+            raise MetricError(f"labels.{key[:40]}: longer than {MAX_LABEL_VALUE} characters")
+        # Secrets never reach the database, here as in event data.
+        if _SECRET_KEY.match(key) and value:
+            value = REDACTED
+        else:
+            value = _SECRET_VALUE.sub(_redact_match, _clean(value))
+        labels[key] = value
+    return labels
+
+
+def judge(obj: Any, default_at: datetime) -> Metric:
+    """Judge one metric item: `{run_id?, metric_name, metric_value, recorded_at?, labels?,
+    unit?}` (also `name`, `value`, `timestamp`). Raises MetricError naming the field.
+
+    `default_at` is the time of the request, for items without `recorded_at`: the
+    request and the worker must judge alike, so the worker passes the batch's
+    `received_at`, not its own clock.
+    """
+    if not isinstance(obj, dict):
+        raise MetricError("item must be a JSON object")
+    name = _first(obj, "metric_name", "name")
+    if not isinstance(name, str) or not (name := _clean(name).strip()):
+        raise MetricError("metric_name: required non-empty string")
+    if len(name) > MAX_NAME:
+        raise MetricError(f"metric_name: longer than {MAX_NAME} characters")
+    value = _value(_first(obj, "metric_value", "value"))
+    if name in NON_NEGATIVE and value < 0:
+        raise MetricError(f"metric_value: {name} must not be negative")
+    if name == "cost_usd" and value >= MAX_COST:
+        raise MetricError(f"metric_value: cost_usd must be below {MAX_COST}")
+    at = _first(obj, "recorded_at", "timestamp")
+    if at is None:
+        recorded_at = default_at
+    else:
+        try:
+            recorded_at = _parse_ts(at)
+        except LineError as exc:
+            raise MetricError(str(exc).replace("ts:", "recorded_at:", 1)) from None
+    unit = obj.get("unit")
+    if unit is None:
+        unit = STANDARD_UNITS.get(name, "")
+    elif not isinstance(unit, str):
+        raise MetricError("unit: must be a string")
+    elif len(unit) > MAX_UNIT:
+        raise MetricError(f"unit: longer than {MAX_UNIT} characters")
+    run_id = obj.get("run_id")
+    if run_id is None:
+        run_id = ""
+    elif isinstance(run_id, int) and not isinstance(run_id, bool):
+        run_id = str(run_id)
+    elif not isinstance(run_id, str):
+        raise MetricError("run_id: must be a string")
+    if len(run_id) > MAX_RUN_ID:
+        raise MetricError(f"run_id: longer than {MAX_RUN_ID} characters")
+    return Metric(name, value, _clean(unit), _labels(obj.get("labels")), recorded_at, run_id)
+
+
+def body_items(body: bytes) -> list:
+    """The items of a body: one item, `{"metrics": [...]}`, or a JSON array."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BodyError(400, f"body is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and "metrics" in data:
+        data = data["metrics"]
+        if not isinstance(data, list):
+            raise BodyError(400, '"metrics" must be a JSON array of metric items')
+    elif isinstance(data, dict):
+        data = [data]
+    elif not isinstance(data, list):
+        raise BodyError(400, 'body must be a metric object, {"metrics": [...]} or an array')
+    if not data:
+        raise BodyError(400, "no metrics in the body")
+    if len(data) > MAX_ITEMS:
+        raise BodyError(413, f"more than {MAX_ITEMS} metrics in one request: split it")
+    return data
+
+
+def judge_all(
+    items: list, default_at: datetime, max_errors: int = 100
+) -> tuple[dict[int, Metric], list[dict], int]:
+    """Judge every item: (good items by index, reported errors, rejected count)."""
+    good: dict[int, Metric] = {}
+    errors: list[dict] = []
+    rejected = 0
+    for index, item in enumerate(items):
+        try:
+            good[index] = judge(item, default_at)
+        except MetricError as exc:
+            rejected += 1
+            if len(errors) < max_errors:
+                errors.append({"index": index, "error": str(exc)[:300]})
+    return good, errors, rejected
+
+
+def run_pks(project: Project, run_ids: set[str], lock: bool = False) -> dict[str, int]:
+    """run_id -> Run.pk for the project's runs among `run_ids`, in one query.
+
+    With `lock`, the rows are locked in id order, as the events worker locks them,
+    so a metrics batch and an events batch touching the same runs cannot deadlock.
+    """
+    if not run_ids:
+        return {}
+    runs = Run.objects.filter(project=project, run_id__in=run_ids).order_by("id")
+    if lock:
+        runs = runs.select_for_update()
+    return dict(runs.values_list("run_id", "id"))
+
+
+def parse_metrics(
+    project: Project, body: bytes, received_at: datetime, max_errors: int = 100
+) -> tuple[int, int, list[dict], list[int]]:
+    """The request's half: (accepted, rejected, errors, indexes refused for an unknown run).
+
+    A run id must name a run of this project already (its events, a heartbeat or
+    an artifact created it); an item without one is a fleet metric.
+    """
+    good, errors, rejected = judge_all(body_items(body), received_at, max_errors)
+    known = run_pks(project, {m.run_id for m in good.values() if m.run_id})
+    unknown = [i for i, m in good.items() if m.run_id and m.run_id not in known]
+    for index in unknown:
+        rejected += 1
+        errors.append({"index": index, "error": "run_id: no such run in this project"})
+    errors.sort(key=lambda e: e["index"])
+    del errors[max_errors:]
+    return len(good) - len(unknown), rejected, errors, unknown
+
+
+# --- Worker side --------------------------------------------------------------
+
+
+def computed_costs(metrics: list[Metric], book: PriceBook | None = None) -> list[Metric]:
+    """`cost_usd` points for the token metrics that name their `model`.
+
+    tokens_in and tokens_out of the same run, model and time are priced together
+    (one call: one cost point) at the price valid at that time. A run for which
+    the request carries its own cost_usd is not priced: the client's cost wins.
+    Unknown models and times before any price give no cost.
+    """
+    client_costs = {m.run_id for m in metrics if m.name == "cost_usd"}
+    calls: dict[tuple[str, str, datetime], list[Metric]] = {}
+    for m in metrics:
+        if m.name in ("tokens_in", "tokens_out") and m.run_id not in client_costs:
+            model = m.labels.get("model")
+            if model:
+                calls.setdefault((m.run_id, model, m.recorded_at), []).append(m)
+    if not calls:
+        return []
+    book = book or ModelPrice.objects.book()
+    costs = []
+    for (_run_id, model, at), points in calls.items():
+        tokens_in = sum(_tokens(p.value) for p in points if p.name == "tokens_in")
+        tokens_out = sum(_tokens(p.value) for p in points if p.name == "tokens_out")
+        cost = book.cost(model, tokens_in, tokens_out, at)
+        if cost is None:
+            continue
+        first = points[0]
+        costs.append(
+            Metric(
+                "cost_usd",
+                float(cost),
+                "USD",
+                {**first.labels, "computed": "true"},
+                at,
+                first.run_id,
+                first.run_pk,
+            )
+        )
+    return costs
+
+
+def _tokens(value: float) -> int:
+    return min(int(round(value)), MAX_TOKENS)
+
+
+COPY_METRICS = (
+    "COPY runs_runmetric (project_id, run_id, name, value, unit, labels, recorded_at, source)"
+    " FROM STDIN"
+)
+
+
+def _copy_text(value: str) -> str:
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        value = (
+            value.replace("\\", "\\\\")
+            .replace("\t", "\\t")
+            .replace("\n", "\\n")
+            .replace("\r", "\\r")
+        )
+    return value
+
+
+def copy_rows(project_id: int, metrics: list[Metric], source: str = "api") -> bytes:
+    """The points as PostgreSQL COPY text, built in one buffer."""
+    lines = []
+    for m in metrics:
+        run = "\\N" if m.run_pk is None else m.run_pk
+        labels = orjson.dumps(m.labels).decode().replace("\\", "\\\\")
+        lines.append(
+            f"{project_id}\t{run}\t{_copy_text(m.name)}\t{m.value!r}\t{_copy_text(m.unit)}"
+            f"\t{labels}\t{m.recorded_at.isoformat()}\t{source}\n"
+        )
+    return "".join(lines).encode()
+
+
+# The runs' counters, all runs of a batch in one statement: tokens and cost add up,
+# duration and exit code fill a gap only (the run's own events decide them first).
+_COUNTERS_SQL = """
+UPDATE runs_run AS r SET
+    tokens_in = r.tokens_in + v.tokens_in,
+    tokens_out = r.tokens_out + v.tokens_out,
+    cost_usd = r.cost_usd + v.cost_usd,
+    duration_ms = COALESCE(r.duration_ms, v.duration_ms),
+    exit_code = COALESCE(r.exit_code, v.exit_code)
+FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::numeric[], %s::bigint[], %s::int[])
+    AS v(id, tokens_in, tokens_out, cost_usd, duration_ms, exit_code)
+WHERE r.id = v.id
+"""
+
+
+@dataclass(slots=True)
+class _Counters:
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: Decimal = Decimal(0)
+    duration_ms: int | None = None
+    exit_code: int | None = None
+
+
+def run_counters(metrics: list[Metric]) -> dict[int, _Counters]:
+    """What the batch adds to each run; the last duration_ms/exit_code of a run counts."""
+    by_run: dict[int, _Counters] = {}
+    for m in metrics:
+        if m.run_pk is None:
+            continue
+        if m.name == "tokens_in":
+            by_run.setdefault(m.run_pk, _Counters()).tokens_in += _tokens(m.value)
+        elif m.name == "tokens_out":
+            by_run.setdefault(m.run_pk, _Counters()).tokens_out += _tokens(m.value)
+        elif m.name == "cost_usd":
+            cost = Decimal(repr(m.value)).quantize(Decimal("0.000001"))
+            by_run.setdefault(m.run_pk, _Counters()).cost_usd += cost
+        elif m.name == "duration_ms" and m.value < 2**62:
+            by_run.setdefault(m.run_pk, _Counters()).duration_ms = int(m.value)
+        elif m.name == "exit_code" and m.value.is_integer() and -(2**31) <= m.value < 2**31:
+            by_run.setdefault(m.run_pk, _Counters()).exit_code = int(m.value)
+    return by_run
+
+
+def _update_runs(by_run: dict[int, _Counters]) -> None:
+    if not by_run:
+        return
+    ids = sorted(by_run)
+    rows = [by_run[i] for i in ids]
+    params = [
+        ids,
+        [c.tokens_in for c in rows],
+        [c.tokens_out for c in rows],
+        [c.cost_usd for c in rows],
+        [c.duration_ms for c in rows],
+        [c.exit_code for c in rows],
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_COUNTERS_SQL, params)
+
+
+def store_metrics(project: Project, metrics: list[Metric], book: PriceBook | None = None) -> int:
+    """Price token metrics, COPY every point, add to the runs' counters.
+
+    Must run inside a transaction (the caller commits it with the batch state).
+    Metrics must carry `run_pk` (or None for fleet metrics).
+    """
+    metrics = metrics + computed_costs(metrics, book)
+    if not metrics:
+        return 0
+    with connection.cursor() as cursor, cursor.copy(COPY_METRICS) as copy:
+        copy.write(copy_rows(project.pk, metrics))
+    _update_runs(run_counters(metrics))
+    return len(metrics)
+
+
+def store_metrics_batch(batch, body: bytes) -> int:
+    """Store a spooled `POST /api/metrics/record` body; returns the points stored.
+
+    Judges the body again with the request's rules and its time, and skips the
+    items the request refused for an unknown run (even if that run exists now: the
+    client was told they were rejected). A run deleted since the request leaves
+    its metrics as fleet metrics, as pruning does.
+    """
+    good, _, _ = judge_all(body_items(body), batch.received_at)
+    for index in batch.params.get("unknown_runs", []):
+        good.pop(index, None)
+    metrics = list(good.values())
+    pks = run_pks(batch.project, {m.run_id for m in metrics if m.run_id}, lock=True)
+    for m in metrics:
+        m.run_pk = pks.get(m.run_id) if m.run_id else None
+    return store_metrics(batch.project, metrics)

@@ -1,0 +1,198 @@
+"""Metrics endpoints: record (write, spooled like events), aggregate and export (reads)."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
+from django.utils.text import slugify
+from ninja import Field, Query, Router, Schema, Status
+
+from portal.api import project_auth, read_auth
+from runs import analytics
+from runs.ingest import IngestError, read_body, spool_body
+from runs.metrics import BodyError, parse_metrics
+from runs.models import Project, RunMetric
+from telemetry.models import IngestBatch
+
+router = Router(tags=["metrics"])
+
+METRIC_TYPES = {"application/json", "text/plain"}
+
+
+class ItemErrorOut(Schema):
+    index: int
+    error: str
+
+
+class RecordOut(Schema):
+    accepted: int
+    rejected: int
+    errors: list[ItemErrorOut]
+    batch: int | None
+
+
+class DetailOut(Schema):
+    detail: str
+
+
+_RECORD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "One metric `{run_id?, metric_name, metric_value, recorded_at?, labels?, unit?}` "
+            'or a batch `{"metrics": [...]}` (also a plain JSON array). May be sent with '
+            "Content-Encoding gzip or deflate."
+        ),
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
+
+
+def _error(status: int, detail: str) -> JsonResponse:
+    return JsonResponse({"detail": detail}, status=status)
+
+
+@router.post(
+    "/metrics/record",
+    auth=project_auth,
+    response={202: RecordOut, 400: RecordOut | DetailOut, 413: DetailOut, 415: DetailOut},
+    openapi_extra=_RECORD_BODY,
+    summary="Record run metrics",
+)
+def record_metrics(request: HttpRequest):
+    """Accept one metric or a batch. Durable before the answer; stored by a worker.
+
+    Each item is judged on its own: good ones are kept, bad ones are listed in
+    `errors` by their index in the batch (0-based). A `run_id` must name a run of
+    this project; an item without one is a fleet metric. Send an `Idempotency-Key`
+    header to make retries of the same request a no-op.
+    """
+    project = request.auth
+    content_type = request.content_type or "application/json"
+    if content_type not in METRIC_TYPES:
+        return _error(415, f"unsupported Content-Type {content_type!r}: send application/json")
+
+    # Keys are unique per project across every spooled kind: namespaced, so an events
+    # request and a metrics request that happen to share a key never answer each other.
+    key = request.headers.get("Idempotency-Key", "").strip()[:190]
+    key = f"metrics:{key}" if key else None
+    if key:
+        earlier = IngestBatch.objects.filter(project=project, idempotency_key=key).first()
+        if earlier is not None:
+            return Status(202, {**earlier.summary, "batch": earlier.id})
+
+    encoding = request.headers.get("Content-Encoding", "")
+    raw: list[bytes] = []
+    received_at = timezone.now()
+    try:
+        body = read_body(request, encoding, settings.INGEST_MAX_BYTES, raw)
+        if not body.strip():
+            return _error(400, 'empty body: send a metric object or {"metrics": [...]}')
+        accepted, rejected, errors, unknown = parse_metrics(
+            project, body, received_at, settings.INGEST_MAX_ERRORS_REPORTED
+        )
+    except (IngestError, BodyError) as exc:
+        return _error(exc.status, exc.message)
+
+    summary = {"accepted": accepted, "rejected": rejected, "errors": errors}
+    if not accepted:
+        return Status(400, {**summary, "batch": None})
+    try:
+        with transaction.atomic():
+            batch = IngestBatch.objects.create(
+                project=project,
+                kind=IngestBatch.Kind.METRICS,
+                received_at=received_at,  # the time of items that carry none
+                body=spool_body(body, encoding, raw),
+                params={"unknown_runs": unknown} if unknown else {},
+                idempotency_key=key,
+                request_id=getattr(request, "request_id", ""),
+                summary=summary,
+            )
+            batch.enqueue()
+    except IntegrityError:
+        # The same Idempotency-Key raced us; the other request's batch stands.
+        batch = IngestBatch.objects.get(project=project, idempotency_key=key)
+        return Status(202, {**batch.summary, "batch": batch.id})
+    return Status(202, {**summary, "batch": batch.id})
+
+
+def metrics_for(request: HttpRequest, project: str = ""):
+    """The metrics the caller may see: its project's with a token, all for an operator
+    (narrowed to one project by its slug if asked)."""
+    if isinstance(request.auth, Project):
+        return RunMetric.objects.filter(project=request.auth)
+    if project:
+        return RunMetric.objects.filter(project__slug=project)
+    return RunMetric.objects.all()
+
+
+class AggregateQuery(Schema):
+    metricName: str = Field(..., min_length=1, max_length=200)  # noqa: N815 (the API's name)
+    aggregation: str = Field("avg", description="sum, avg, min, max, count, stddev, p50, p95, p99")
+    groupBy: str = Field("", description="slug, day or model")  # noqa: N815
+    slug: str = Field("", max_length=200, description="only runs of this slug")
+    project: str = Field("", max_length=100, description="project slug (operators only)")
+    since: str = Field("", description="ISO 8601 or epoch seconds, inclusive")
+    until: str = Field("", description="ISO 8601 or epoch seconds, exclusive")
+
+
+@router.get(
+    "/analytics/metrics",
+    auth=read_auth,
+    response={200: dict | list[dict], 400: DetailOut},
+    summary="Aggregate one metric, optionally per slug, day or model",
+)
+def aggregate_metrics(request: HttpRequest, q: Query[AggregateQuery]):
+    """`{metric, aggregation, value, count, min, max}`; with `groupBy`, one such object
+    per group with a `group` key. Computed in PostgreSQL; `value` is null when no
+    point matches (and for stddev of a single point)."""
+    try:
+        window = analytics.Window.parse(q.since, q.until)
+        points = analytics.points(metrics_for(request, q.project), q.metricName, q.slug, window)
+        return analytics.aggregate(points, q.metricName, q.aggregation, q.groupBy or None)
+    except analytics.QueryError as exc:
+        return Status(400, {"detail": str(exc)})
+
+
+class ExportQuery(Schema):
+    metricName: str = Field("", max_length=200, description="empty: every metric")  # noqa: N815
+    format: str = Field("csv", description="csv or jsonl")
+    limit: int | None = Field(None, ge=1, description="at most this many points")
+    since: str = Field("", description="ISO 8601 or epoch seconds, inclusive")
+    until: str = Field("", description="ISO 8601 or epoch seconds, exclusive")
+    slug: str = Field("", max_length=200)
+    project: str = Field("", max_length=100, description="project slug (operators only)")
+    order: str = Field("asc", description="asc (oldest first) or desc (newest first)")
+
+
+@router.get(
+    "/analytics/export",
+    auth=read_auth,
+    response={200: None, 400: DetailOut},
+    summary="Export metric points as CSV or JSON lines, streamed",
+)
+def export_metrics(request: HttpRequest, q: Query[ExportQuery]):
+    """CSV (`id,run_id,metric_name,metric_value,recorded_at`, RFC 4180, formula-like
+    text neutralised with a leading `'`) or JSON lines, ordered by `recorded_at`.
+    Rows are read with a server-side cursor and streamed, never held in memory."""
+    if q.format not in analytics.EXPORT_FORMATS:
+        return Status(400, {"detail": "format: must be csv or jsonl"})
+    if q.order not in ("asc", "desc"):
+        return Status(400, {"detail": "order: must be asc or desc"})
+    try:
+        window = analytics.Window.parse(q.since, q.until)
+    except analytics.QueryError as exc:
+        return Status(400, {"detail": str(exc)})
+    points = analytics.points(metrics_for(request, q.project), q.metricName, q.slug, window)
+    content_type, lines = analytics.EXPORT_FORMATS[q.format]
+    response = StreamingHttpResponse(
+        lines(analytics.export_rows(points, q.limit, newest_first=q.order == "desc")),
+        content_type=content_type,
+    )
+    # The file name comes from the slugified name: agent text cannot break the header.
+    stem = slugify(q.metricName)[:60] or "all"
+    response["Content-Disposition"] = f'attachment; filename="metrics-{stem}.{q.format}"'
+    return response
