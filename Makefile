@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test setup lint format bench clean
+.PHONY: run test setup lint format bench bench-metrics clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ format: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/ingest.py
+
+bench-metrics: $(VENV)/.dev
+	$(BIN)/python bench/metrics.py
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache
