@@ -212,6 +212,13 @@ INGEST_MAX_BYTES = env_int("INGEST_MAX_BYTES", 16 * 1024 * 1024, minimum=1024)
 INGEST_MAX_LINE_BYTES = env_int("INGEST_MAX_LINE_BYTES", 1024 * 1024, minimum=256)
 INGEST_MAX_ERRORS_REPORTED = 100
 ARTIFACT_MAX_BYTES = env_int("ARTIFACT_MAX_BYTES", 20 * 1024 * 1024, minimum=1024)
+# OTLP/HTTP (/v1/logs, /v1/metrics, /v1/traces; docs/otlp.md): body limit after
+# decompression (413 beyond); attributes naming an item's run and its slug, first
+# found wins; longest attribute value kept (longer ones are cut, marked).
+OTLP_MAX_BYTES = env_int("OTLP_MAX_BYTES", 16 * 1024 * 1024, minimum=1024)
+OTLP_RUN_ATTRIBUTES = env_list("OTLP_RUN_ATTRIBUTES", "run.id,gt.run_id,session.id")
+OTLP_SLUG_ATTRIBUTES = env_list("OTLP_SLUG_ATTRIBUTES", "gt.rig,service.name")
+OTLP_MAX_ATTRIBUTE_LENGTH = env_int("OTLP_MAX_ATTRIBUTE_LENGTH", 4096, minimum=16)
 
 # --- Runs -------------------------------------------------------------------
 ORPHAN_AFTER_SECONDS = env_int("ORPHAN_AFTER_SECONDS", 90, minimum=1)

@@ -3,12 +3,17 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from portal.api import api
+from telemetry import otlp_views
 
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("api/", api.urls),
+    # OTLP/HTTP receivers (plain views: protobuf bodies, streamed; docs/otlp.md).
+    path("v1/logs", otlp_views.export_logs, name="otlp_logs"),
+    path("v1/metrics", otlp_views.export_metrics, name="otlp_metrics"),
+    path("v1/traces", otlp_views.export_traces, name="otlp_traces"),
     path("", include("telemetry.urls")),
     path("", include("runs.urls")),
 ]
