@@ -19,6 +19,7 @@ from django.utils.http import content_disposition_header
 from django.utils.text import slugify
 
 from runs.models import LEVELS, Artifact, Event, Project, Run, diff_texts
+from telemetry.traces import run_traces
 
 RUNS_PAGE = 50
 TIMELINE_PAGE = 500
@@ -228,6 +229,8 @@ def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
             ingest_url=request.build_absolute_uri("/api/ingest/events"),
             api_url=request.build_absolute_uri("/api/runs/"),
         )
+        # The "Spans" section: the run's traces, linking to their waterfalls.
+        context["traces"], context["more_traces"] = run_traces(run)
     return page(request, "runs/detail.html", context, {"timeline": "timeline"})
 
 
