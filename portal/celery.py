@@ -26,7 +26,11 @@ app.conf.beat_schedule = {
     "detect-orphans": {"task": "runs.tasks.detect_orphans", "schedule": 30.0},
     "retention": {"task": "runs.tasks.prune", "schedule": 3600.0},
     "purge-rate-counters": {"task": "telemetry.tasks.purge_rate_counters", "schedule": 300.0},
+    # The status page's "workers seen": whichever worker takes it notes itself alive.
+    "worker-heartbeat": {"task": "telemetry.health.worker_heartbeat", "schedule": 30.0},
 }
+# telemetry/health.py holds that task and the signals that note busy workers.
+app.autodiscover_tasks(["telemetry"], related_name="health")
 
 REQUEST_ID_HEADER = "request_id"
 

@@ -268,6 +268,10 @@ LOGGING = {
     "loggers": {"django.db.backends": {"level": "INFO"}},
 }
 
+# GET /metrics: scrapers send `Authorization: Bearer <METRICS_TOKEN>`. Unset: only
+# logged-in operators and requests from this machine (loopback) may read it.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "").strip()
+
 RUNLENS_VERSION = "0.1.0"
 RUNLENS_COMMIT = env_str("RUNLENS_COMMIT", "")
 NINJA_PAGINATION_MAX_LIMIT = 1000

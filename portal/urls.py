@@ -3,7 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from portal.api import api
-from telemetry import otlp_views
+from telemetry import health, otlp_views, prometheus
 
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
@@ -14,6 +14,10 @@ urlpatterns = [
     path("v1/logs", otlp_views.export_logs, name="otlp_logs"),
     path("v1/metrics", otlp_views.export_metrics, name="otlp_metrics"),
     path("v1/traces", otlp_views.export_traces, name="otlp_traces"),
+    # Probes and scrapers (plain views, not the API: docs/operations.md).
+    path("health", health.health, name="health"),
+    path("health/live", health.live, name="health_live"),
+    path("metrics", prometheus.metrics, name="prometheus"),
     path("", include("telemetry.urls")),
     path("", include("runs.urls")),
 ]

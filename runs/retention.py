@@ -58,6 +58,9 @@ def prune() -> dict[str, int]:
         result[project.slug] = delete_runs(expired_run_ids(project))
     reports = prune_error_reports()
     logger.info("retention: %s error report(s) deleted", reports, extra={"reports": reports})
+    from telemetry.health import record_retention  # the status page shows the last run
+
+    record_retention(result, reports)
     return result
 
 

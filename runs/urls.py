@@ -9,6 +9,9 @@ app_name = "runs"
 urlpatterns = [
     path("", views.run_list, name="list"),
     path("compare/", views.compare, name="compare"),
+    # Not under /metrics: that path is the Prometheus exposition.
+    path("insights", views.metrics_dashboard, name="insights"),
+    path("run-metrics/<int:pk>", views.run_metrics, name="run_metrics"),
     path("artifacts/<int:pk>/", views.artifact_detail, name="artifact"),
     path("artifacts/<int:pk>/download", views.artifact_download, name="artifact_download"),
     # Before the detail route, whose `path:` would swallow the suffix.

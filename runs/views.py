@@ -9,6 +9,8 @@ inside `hx-boost` containers; pollers take filters from hidden form fields).
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django import forms
 from django.contrib.auth.decorators import login_required
 from django.db.models import Q
@@ -18,6 +20,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import content_disposition_header
 from django.utils.text import slugify
 
+from runs import charts, insights
 from runs.models import LEVELS, Artifact, Event, Project, Run, diff_texts
 from telemetry.traces import run_traces
 
@@ -207,6 +210,7 @@ def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
         return page(request, "runs/detail.html", context, {"timeline-next": "rows"}, status)
     context["namespaces"] = Event.objects.namespaces(run)
     if target != "timeline":
+        context["metrics"] = metrics_panel(run)
         first_error = None
         if run.errors_count:
             errors = Event.objects.filter(run_id=run.pk, level="error").order_by("seq")
@@ -355,3 +359,73 @@ def compare(request: HttpRequest) -> HttpResponse:
         a, b = found[ids[0]], found[ids[1]]
         context.update(a=a, b=b, phases=phase_rows(a, b), artifacts=artifact_rows(a, b))
     return render(request, "runs/compare.html", context)
+
+
+# --- Metrics: the dashboard and a run's metrics panel ---------------------------------
+
+COST_MIN_DAYS = 7  # the cost chart shows at least a week, whatever the window
+
+
+@login_required
+def metrics_dashboard(request: HttpRequest) -> HttpResponse:
+    """Charts of run metrics, cost per slug and day, tool reliability, provider latency.
+
+    Every figure is aggregated in PostgreSQL over the chosen window (runs/insights.py);
+    the charts are SVG drawn by the template from runs/charts.py's geometry.
+    """
+    window, since, until = insights.window(request.GET.get("window", ""))
+    names = insights.metric_names(since, until)
+    metric = request.GET.get("metric", "")
+    if metric not in names:
+        metric = names[0] if names else ""
+    by = request.GET.get("by", "slug")
+    by = by if by in insights.SERIES_KEYS else "slug"
+    chart = hidden = None
+    if metric:
+        series, unit, hidden = insights.metric_series(
+            metric, since, until, insights.STEPS[window], by
+        )
+        chart = charts.line_chart(series, since, until, unit)
+    cost_since = min(since, until - timedelta(days=COST_MIN_DAYS))
+    days, costs = insights.cost_per_slug_day(cost_since, until)
+    context = {
+        "window": window,
+        "windows": list(insights.WINDOWS),
+        "since": since,
+        "until": until,
+        "names": names,
+        "metric": metric,
+        "by": by,
+        "chart": chart,
+        "hidden_series": hidden,
+        "cost_chart": charts.stacked_bars(days, costs),
+        "cost_days": len(days),
+        "tools": insights.tool_stats(since, until),
+        "providers": insights.provider_stats(since, until),
+    }
+    return render(request, "runs/metrics.html", context)
+
+
+def metrics_panel(run: Run) -> list[dict]:
+    """The run page's metrics: one row per name, a sparkline when the name repeats."""
+    rows = insights.run_metric_panel(run.pk)
+    for row in rows:
+        row["spark"] = charts.sparkline([value for _, value in row["values"]])
+    return rows
+
+
+@login_required
+def run_metrics(request: HttpRequest, pk: int) -> HttpResponse:
+    """The metrics panel alone (by the run's own key: no agent text in the poller's URL).
+
+    While the run is active the panel polls this; once it has ended, 286 stops the poll.
+    """
+    run = Run.objects.select_related("project").filter(pk=pk).first()
+    if run is None:
+        raise Http404("No such run.")
+    context = {"run": run, "metrics": metrics_panel(run)}
+    polled = bool(request.htmx and request.htmx.trigger == "run-metrics")
+    status = 286 if polled and not run.is_active else 200
+    response = render(request, "runs/detail.html#metrics-panel", context, status=status)
+    patch_vary_headers(response, ("HX-Request",))
+    return response

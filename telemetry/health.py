@@ -1,0 +1,374 @@
+"""Is Runlens well? `/health` for probes and people, `/health/live` for the process alone,
+the `/status` page, and the small state files the status page reads (docs/operations.md).
+
+The counters are meant to be polled every few seconds on an installation with tens of
+millions of events, so each one is answered from an index: the partial index on live
+runs, the BRIN index on event time, the partial index on pending batches. A statement
+timeout bounds them all: a slow counter comes back empty, never a hung probe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime, timedelta
+from functools import cache
+from pathlib import Path
+
+from celery import shared_task, signals
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.db import DatabaseError, Error, connection, transaction
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+
+logger = logging.getLogger(__name__)
+
+STARTED = time.monotonic()
+COUNTER_TIMEOUT_MS = 2000  # per /health request, for all counters together
+BROKER_TIMEOUT_S = 1.0
+WORKER_RECENT_S = 120  # a worker that beat within this is "seen"; beat sends one every 30 s
+WORKER_FORGET_S = 7 * 86400  # heartbeat files older than this are removed when read
+
+
+# --- Version and commit -----------------------------------------------------------
+
+
+@cache
+def commit() -> str:
+    """RUNLENS_COMMIT from the build, else the checkout's HEAD (asked once), else "unknown"."""
+    if settings.RUNLENS_COMMIT:
+        return settings.RUNLENS_COMMIT[:64]
+    if (settings.BASE_DIR / ".git").exists() and shutil.which("git"):
+        try:
+            found = subprocess.run(
+                ["git", "-C", str(settings.BASE_DIR), "rev-parse", "--short=12", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=2,
+                check=True,
+            ).stdout.strip()
+            if re.fullmatch(r"[0-9a-f]{4,40}", found):
+                return found
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "unknown"
+
+
+def uptime_seconds() -> int:
+    return int(time.monotonic() - STARTED)
+
+
+# --- Broker -------------------------------------------------------------------------
+
+# One thread checks the broker; a check still running (a broker that hangs) is waited
+# on again rather than joined by a second one, so probes never pile up threads.
+_broker_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-check")
+_broker_lock = threading.Lock()
+_broker_future: Future | None = None
+
+
+def _check_broker(url: str, options: dict) -> bool:
+    if url.startswith("filesystem:"):
+        # Kombu's filesystem transport: the broker is the folders; they must exist and
+        # be writable by this process.
+        folders = {options.get(k) for k in ("data_folder_in", "data_folder_out")} - {None}
+        if options.get("control_folder"):
+            folders.add(options["control_folder"])
+        return bool(folders) and all(
+            os.path.isdir(f) and os.access(f, os.W_OK | os.X_OK) for f in folders
+        )
+    if url.startswith("memory:"):
+        return True
+    from kombu import Connection
+
+    transport_options = {
+        **options,
+        "max_retries": 0,
+        "socket_timeout": BROKER_TIMEOUT_S,
+        "socket_connect_timeout": BROKER_TIMEOUT_S,
+    }
+    with Connection(
+        url, connect_timeout=BROKER_TIMEOUT_S, transport_options=transport_options
+    ) as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=1)
+        return conn.connected
+
+
+def broker_ok() -> bool:
+    """A real check of the configured Celery broker, answered within about a second."""
+    global _broker_future
+    url = settings.CELERY_BROKER_URL
+    options = dict(settings.CELERY_BROKER_TRANSPORT_OPTIONS or {})
+    with _broker_lock:
+        if _broker_future is None or _broker_future.done():
+            _broker_future = _broker_pool.submit(_check_broker, url, options)
+        future = _broker_future
+    try:
+        return bool(future.result(timeout=BROKER_TIMEOUT_S + 0.5))
+    except FutureTimeout:
+        return False
+    except Exception as exc:  # unreachable, refused, unknown transport: all mean "not ok"
+        logger.info("broker check failed: %s", exc, extra={"broker_error": str(exc)[:200]})
+        return False
+
+
+# --- Counters -----------------------------------------------------------------------
+
+# One round trip. Every part is answered by an index: run_active (partial, live runs),
+# event_ts_brin (events of the last day), errorreport_received_brin, batch_pending.
+_COUNTERS_SQL = """
+SELECT
+  (SELECT count(*) FROM runs_run),
+  (SELECT count(*) FROM runs_run WHERE status = 'running'),
+  (SELECT count(*) FROM runs_event WHERE ts >= %(day_ago)s AND ts <= %(now)s),
+  (SELECT count(*) FROM runs_event
+     WHERE ts >= %(day_ago)s AND ts <= %(now)s AND level = 'error'),
+  (SELECT count(*) FROM telemetry_errorreport
+     WHERE received_at >= %(day_ago)s AND source <> 'event'),
+  (SELECT count(*) FROM telemetry_ingestbatch WHERE state = 'pending'),
+  (SELECT min(received_at) FROM telemetry_ingestbatch WHERE state = 'pending')
+"""
+
+EMPTY_METRICS = {
+    "runs_total": None,
+    "runs_active": None,
+    "runs_orphaned": None,
+    "events_last_24h": None,
+    "errors_last_24h": None,
+    "ingest_backlog": None,
+    "oldest_pending_batch_s": None,
+}
+
+
+def counters(now: datetime | None = None) -> dict:
+    """The /health counters. Raises DatabaseError when PostgreSQL cannot answer.
+
+    errors_last_24h: error-level events plus error reports from other sources (beacons,
+    Sentry); error-level events become reports too, so they are counted once, as events.
+    """
+    from runs.models import Run
+
+    now = now or timezone.now()
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET LOCAL statement_timeout = {COUNTER_TIMEOUT_MS}")
+            cursor.execute(_COUNTERS_SQL, {"day_ago": now - timedelta(hours=24), "now": now})
+            total, active, events, error_events, reports, backlog, oldest = cursor.fetchone()
+        orphaned = Run.objects.orphans(now).count()
+    return {
+        "runs_total": total,
+        "runs_active": active,
+        "runs_orphaned": orphaned,
+        "events_last_24h": events,
+        "errors_last_24h": error_events + reports,
+        "ingest_backlog": backlog,
+        "oldest_pending_batch_s": (
+            max(0, int((now - oldest).total_seconds())) if oldest is not None else 0
+        ),
+    }
+
+
+def db_ping() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        return cursor.fetchone() == (1,)
+
+
+def report() -> tuple[dict, int]:
+    """The /health body and its status code: 200 ok/degraded, 503 when the database is down."""
+    body: dict = {
+        "status": "ok",
+        "version": settings.RUNLENS_VERSION,
+        "commit": commit(),
+        "uptime_seconds": uptime_seconds(),
+        "db_ok": False,
+        "broker_ok": broker_ok(),
+        "metrics": dict(EMPTY_METRICS),
+    }
+    try:
+        body["db_ok"] = db_ping()
+    except Error as exc:  # OperationalError (refused, timed out), InterfaceError…
+        logger.warning("health: database unreachable: %s", exc)
+        # A broken connection must not linger into the next request of this thread.
+        connection.close_if_unusable_or_obsolete()
+        body["status"] = "down"
+        return body, 503
+    try:
+        body["metrics"] = counters()
+    except DatabaseError as exc:
+        # Reachable but too slow (the statement timeout) or failing: say so, stay up.
+        logger.warning("health: counters failed: %s", exc)
+        body["status"] = "degraded"
+    if not body["broker_ok"]:
+        body["status"] = "degraded"
+    return body, 200
+
+
+@never_cache
+def health(request: HttpRequest) -> JsonResponse:
+    """GET /health (SPEC §4). No login: load balancers and uptime checks call it."""
+    if request.method not in ("GET", "HEAD"):
+        return JsonResponse({"detail": "method not allowed: use GET"}, status=405)
+    body, status = report()
+    return JsonResponse(body, status=status)
+
+
+@never_cache
+def live(request: HttpRequest) -> JsonResponse:
+    """GET /health/live: the process answers. No database, no broker."""
+    return JsonResponse({"status": "ok", "uptime_seconds": uptime_seconds()})
+
+
+# --- State files under var/status: worker heartbeats, the last retention run --------
+
+
+def status_dir() -> Path:
+    return Path(settings.VAR_DIR) / "status"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def record_retention(deleted_runs: dict[str, int], reports: int = 0) -> None:
+    """Called at the end of every retention run (beat's hourly task and `manage.py prune`)."""
+    payload = {
+        "at": timezone.now().isoformat(),
+        "runs_deleted": sum(deleted_runs.values()),
+        "reports_deleted": reports,
+        "projects": len(deleted_runs),
+    }
+    try:
+        _write_json(status_dir() / "retention.json", payload)
+    except OSError as exc:  # the prune itself succeeded; the status page will say "never"
+        logger.warning("could not record the retention run: %s", exc)
+
+
+def last_retention() -> dict | None:
+    found = _read_json(status_dir() / "retention.json")
+    if found:
+        try:
+            found["at"] = datetime.fromisoformat(found["at"])
+        except (KeyError, TypeError, ValueError):
+            return None
+    return found
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9@._-]")
+_last_beat: dict[str, float] = {}
+
+
+def record_worker(hostname: str, throttle_s: float = 0) -> None:
+    """Note that the worker `hostname` is alive (at most once per `throttle_s` per process)."""
+    hostname = hostname or "worker"
+    now = time.monotonic()
+    if throttle_s and now - _last_beat.get(hostname, -throttle_s) < throttle_s:
+        return
+    _last_beat[hostname] = now
+    name = _SAFE_NAME.sub("_", hostname)[:120] + ".json"
+    payload = {"hostname": hostname[:200], "pid": os.getpid(), "at": timezone.now().isoformat()}
+    try:
+        _write_json(status_dir() / "workers" / name, payload)
+    except OSError as exc:
+        logger.warning("could not record the worker heartbeat: %s", exc)
+
+
+def workers(now: datetime | None = None) -> list[dict]:
+    """Workers that wrote a heartbeat, newest first, each marked recent or not."""
+    now = now or timezone.now()
+    found = []
+    folder = status_dir() / "workers"
+    for path in sorted(folder.glob("*.json"))[:200] if folder.is_dir() else []:
+        data = _read_json(path)
+        try:
+            at = datetime.fromisoformat(data["at"]) if data else None
+        except (KeyError, TypeError, ValueError):
+            at = None
+        if at is None:
+            continue
+        age = (now - at).total_seconds()
+        if age > WORKER_FORGET_S:
+            path.unlink(missing_ok=True)
+            continue
+        found.append(
+            {"hostname": str(data.get("hostname", "?")), "at": at, "recent": age <= WORKER_RECENT_S}
+        )
+    return sorted(found, key=lambda w: w["at"], reverse=True)
+
+
+@shared_task(bind=True, ignore_result=True, name="telemetry.health.worker_heartbeat")
+def worker_heartbeat(self) -> None:
+    """Beat sends this every 30 s: whichever worker takes it notes it is alive."""
+    if not self.request.is_eager:
+        record_worker(self.request.hostname or "")
+
+
+@signals.worker_ready.connect
+def _worker_started(sender=None, **kwargs) -> None:
+    record_worker(getattr(sender, "hostname", "") or "")
+
+
+@signals.task_postrun.connect
+def _task_done(task=None, **kwargs) -> None:
+    # Busy workers are seen through their work too (at most every 10 s each), so with
+    # several workers each shows up even when another took beat's heartbeat.
+    request = getattr(task, "request", None)
+    if request is not None and not request.is_eager:
+        record_worker(request.hostname or "", throttle_s=10)
+
+
+# --- The /status page ----------------------------------------------------------------
+
+
+def last_processed_batch() -> datetime | None:
+    """When a worker last finished a batch: the newest of the newest batches (by id)."""
+    from telemetry.models import IngestBatch
+
+    newest = IngestBatch.objects.order_by("-id").values("processed_at")[:200]
+    return max((row["processed_at"] for row in newest if row["processed_at"]), default=None)
+
+
+def status_context() -> dict:
+    body, code = report()
+    context = {"health": body, "db_down": code == 503, "now": timezone.now()}
+    if code == 503:
+        return context
+    context.update(
+        workers=workers(),
+        last_batch=last_processed_batch(),
+        retention=last_retention(),
+    )
+    return context
+
+
+@login_required
+@never_cache
+def status_page(request: HttpRequest) -> HttpResponse:
+    """The health page: counters, backlog, workers, retention; polls its own panel."""
+    from runs.views import page
+
+    return page(
+        request, "telemetry/status.html", status_context(), {"status-panel": "status-panel"}
+    )
