@@ -18,6 +18,7 @@ docs/otlp.md has the mapping tables and the decisions behind them.
 from __future__ import annotations
 
 import base64
+import json as stdlib_json
 import math
 import re
 from dataclasses import dataclass
@@ -226,8 +227,13 @@ def decode(signal: str, body: bytes, json: bool) -> Decoded:
     if json:
         try:
             data = orjson.loads(body) if body.strip() else {}
-        except orjson.JSONDecodeError as exc:
-            raise OtlpError(f"body is not valid JSON: {exc}") from None
+        except orjson.JSONDecodeError:
+            # orjson refuses integers beyond 64 bits, invalid UTF-8 and lone surrogates;
+            # the stdlib parser takes them (items then judge the values, scrub cleans).
+            try:
+                data = stdlib_json.loads(body.decode("utf-8", "replace"))
+            except (ValueError, RecursionError) as exc:
+                raise OtlpError(f"body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise OtlpError("body must be a JSON object (an Export*ServiceRequest)")
         return _JSON_DECODERS[signal](data)
