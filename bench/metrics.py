@@ -10,15 +10,18 @@ slugs and `--points` metric points, 100 a run, five standard names in turn
 each), four models in the `model` label, spread over 90 days and written in time
 order as agents would send them; then VACUUM ANALYZE.
 
-Each question is answered twice, for the duration_ms points (200,000 of 1M):
+Each question is answered twice, for the duration_ms points (200,000 of 1M;
+all of them with --names 1, the worst case):
 
   sql     runs.analytics.aggregate(), as GET /api/analytics/metrics runs it: one query;
   python  the naive way: fetch the values through the ORM, compute in Python
           (statistics.mean / statistics.quantiles, dicts for the groups).
 
 Figures are medians of --repeat runs after one warm-up. Target: every SQL
-aggregate under 0.5 s. The export of the same points as CSV (the streamed
-response's body, from the server-side cursor) is timed as well.
+aggregate under 0.5 s. Also timed: the export of the same points as CSV (the
+streamed response's body, from the server-side cursor), and the record path for
+one body of 50,000 points (request judging; worker judging, pricing, COPY and
+counters, rolled back).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ PER_RUN = 100
 COPY_CHUNK = 8 << 20  # bytes per write to the COPY
 
 
-def seed(url: str, runs: int, points: int) -> float:
+def seed(url: str, runs: int, points: int, names: int = len(NAMES)) -> float:
     """COPY the runs and their points; returns the seconds the metric COPY took."""
     span = timedelta(days=DAYS).total_seconds()
     run_buf = io.StringIO()
@@ -63,7 +66,7 @@ def seed(url: str, runs: int, points: int) -> float:
     step = span / points
     for k in range(points):
         run = k // PER_RUN % runs + 1
-        name = NAMES[k % len(NAMES)]
+        name = NAMES[k % names]
         model = MODELS[run % len(MODELS)]
         at = START + timedelta(seconds=k * step)
         # Deterministic, skewed values: a few slow runs make p95 differ from the mean.
@@ -161,6 +164,53 @@ def questions(metric: str):
     ]
 
 
+def record_path(runs: int, items: int, repeat: int) -> tuple[float, float, int]:
+    """Seconds for one `{"metrics": [...]}` body of `items` points: the request's judging
+    (parse_metrics, with its run lookup) and the worker's (judge again, lock runs, price,
+    COPY, counters), in this process; the worker's transaction is rolled back."""
+    import orjson
+    from django.db import transaction
+    from django.utils import timezone
+
+    from runs.metrics import body_items, judge_all, parse_metrics, run_pks, store_metrics
+    from runs.models import Project
+
+    project = Project.objects.get(pk=1)
+    body = orjson.dumps(
+        {
+            "metrics": [
+                {
+                    "run_id": f"run-{i % runs + 1}",
+                    "metric_name": NAMES[i % len(NAMES)],
+                    "metric_value": i % 1000,
+                    "recorded_at": "2026-02-01T00:00:00Z",
+                    "labels": {"model": MODELS[i % len(MODELS)], "host": f"h{i % 8}"},
+                }
+                for i in range(items)
+            ]
+        }
+    )
+    now = timezone.now()
+
+    def request() -> None:
+        parse_metrics(project, body, now)
+
+    def worker() -> int:
+        with transaction.atomic():
+            good, _, _ = judge_all(body_items(body), now)
+            metrics = list(good.values())
+            pks = run_pks(project, {m.run_id for m in metrics}, lock=True)
+            for m in metrics:
+                m.run_pk = pks.get(m.run_id)
+            stored = store_metrics(project, metrics)
+            transaction.set_rollback(True)
+        return stored
+
+    request_s, _ = timed(request, repeat)
+    worker_s, stored = timed(worker, repeat)
+    return request_s, worker_s, stored
+
+
 def export_time(metric: str) -> tuple[float, int]:
     from runs import analytics
     from runs.models import RunMetric
@@ -178,6 +228,13 @@ def main() -> int:
     parser.add_argument("--points", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--names",
+        type=int,
+        default=len(NAMES),
+        choices=range(1, len(NAMES) + 1),
+        help="metric names the points take in turn (1: every point is duration_ms)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the bench database")
     args = parser.parse_args()
 
@@ -193,7 +250,7 @@ def main() -> int:
 
     try:
         began = time.perf_counter()
-        copied = seed(url, args.runs, args.points)
+        copied = seed(url, args.runs, args.points, args.names)
         print(
             f"seeded {args.points:,} points ({args.runs:,} runs) in "
             f"{time.perf_counter() - began:.1f} s; the metric COPY took {copied:.1f} s "
@@ -207,6 +264,9 @@ def main() -> int:
                 [NAMES[0]],
             )
             selected, on_disk, version = cursor.fetchone()
+        batch = 50_000
+        request_s, worker_s, stored = record_path(args.runs, batch, 3)
+        print(f"  record {batch:,}: request {request_s:.3f} s, worker {worker_s:.3f} s", flush=True)
         results = []
         for label, sql, python in questions(NAMES[0]):
             sql_s, _ = timed(sql, args.repeat)
@@ -243,6 +303,12 @@ def main() -> int:
     print(
         f"CSV export of {selected:,} points: {export_s:.2f} s "
         f"({selected / export_s:,.0f} rows/s, {export_bytes / 1e6:.1f} MB)"
+    )
+    print(
+        f"POST /api/metrics/record, one body of {batch:,} points (in process, median of 3): "
+        f"request judging {request_s:.2f} s ({request_s / batch * 1e6:.1f} us/point), "
+        f"worker {worker_s:.2f} s ({worker_s / batch * 1e6:.1f} us/point, {stored:,} rows "
+        f"with computed costs, {stored / worker_s:,.0f} rows/s)"
     )
     print(f"target: every aggregate under {TARGET_S} s: {'met' if ok else 'NOT met'}")
     return 0 if ok else 1
