@@ -222,8 +222,13 @@ class Decoded:
         return f"rejected {self.rejected} of {total} {_NOUN[self.signal]}: " + "; ".join(parts)
 
 
-def decode(signal: str, body: bytes, json: bool) -> Decoded:
-    """Decode and judge one request body. Raises OtlpError when it is unreadable."""
+def decode(signal: str, body: bytes, json: bool, full: bool = True) -> Decoded:
+    """Decode and judge one request body. Raises OtlpError when it is unreadable.
+
+    `full=False` (the request, which only counts) skips converting protobuf attribute
+    values: any protobuf AnyValue converts, so the verdicts are the same. JSON is
+    always walked in full, as a malformed attribute refuses its item.
+    """
     if json:
         try:
             data = orjson.loads(body) if body.strip() else {}
@@ -243,7 +248,7 @@ def decode(signal: str, body: bytes, json: bool) -> Decoded:
         raise OtlpError(
             f"body is not a valid protobuf {REQUESTS[signal].__name__}: {exc}"
         ) from None
-    return _PB_DECODERS[signal](request)
+    return _PB_DECODERS[signal](request, _pb_attrs if full else _no_attrs)
 
 
 # --- Judging: the same rules for both encodings --------------------------------
@@ -351,20 +356,25 @@ def _pb_attrs(kvs) -> dict:
     return {kv.key: _pb_value(kv.value, 0) for kv in kvs}
 
 
-def _pb_scopes(resource_items, items_field: str, scope_field: str):
+def _no_attrs(kvs) -> dict:
+    return {}
+
+
+def _pb_scopes(resource_items, items_field: str, scope_field: str, attrs=_pb_attrs):
     """(Scope, items) per scope of every resource of a request."""
     for rg in resource_items:
-        resource = _pb_attrs(rg.resource.attributes)
+        resource = attrs(rg.resource.attributes)
         for sg in getattr(rg, scope_field):
             sc = sg.scope
-            scope = Scope(resource, sc.name, sc.version, _pb_attrs(sc.attributes))
+            scope = Scope(resource, sc.name, sc.version, attrs(sc.attributes))
             yield scope, getattr(sg, items_field)
 
 
-def _pb_logs(request) -> Decoded:
+def _pb_logs(request, attrs=_pb_attrs) -> Decoded:
     out = Decoded(LOGS, [])
     append = out.items.append
-    for scope, records in _pb_scopes(request.resource_logs, "log_records", "scope_logs"):
+    full = attrs is _pb_attrs
+    for scope, records in _pb_scopes(request.resource_logs, "log_records", "scope_logs", attrs):
         for lr in records:
             try:
                 item = LogIn(
@@ -373,8 +383,8 @@ def _pb_logs(request) -> Decoded:
                     lr.observed_time_unix_nano,
                     lr.severity_number,
                     lr.severity_text,
-                    _pb_value(lr.body, 0) if lr.HasField("body") else None,
-                    _pb_attrs(lr.attributes),
+                    _pb_value(lr.body, 0) if full and lr.HasField("body") else None,
+                    attrs(lr.attributes),
                     lr.dropped_attributes_count,
                     lr.trace_id.hex(),
                     lr.span_id.hex(),
@@ -386,14 +396,14 @@ def _pb_logs(request) -> Decoded:
     return out
 
 
-def _pb_spans(request) -> Decoded:
+def _pb_spans(request, attrs=_pb_attrs) -> Decoded:
     out = Decoded(TRACES, [])
     append = out.items.append
-    for scope, spans in _pb_scopes(request.resource_spans, "spans", "scope_spans"):
+    for scope, spans in _pb_scopes(request.resource_spans, "spans", "scope_spans", attrs):
         for sp in spans:
             try:
                 events = [
-                    (ev.time_unix_nano, ev.name, _pb_attrs(ev.attributes))
+                    (ev.time_unix_nano, ev.name, attrs(ev.attributes))
                     for ev in islice(sp.events, MAX_LIST)
                 ]
                 item = SpanIn(
@@ -405,7 +415,7 @@ def _pb_spans(request) -> Decoded:
                     sp.kind,
                     sp.start_time_unix_nano,
                     sp.end_time_unix_nano,
-                    _pb_attrs(sp.attributes),
+                    attrs(sp.attributes),
                     sp.dropped_attributes_count,
                     events,
                     sp.status.code,
@@ -417,10 +427,10 @@ def _pb_spans(request) -> Decoded:
     return out
 
 
-def _pb_metrics(request) -> Decoded:
+def _pb_metrics(request, attrs=_pb_attrs) -> Decoded:
     out = Decoded(METRICS, [])
     append = out.items.append
-    for scope, metrics in _pb_scopes(request.resource_metrics, "metrics", "scope_metrics"):
+    for scope, metrics in _pb_scopes(request.resource_metrics, "metrics", "scope_metrics", attrs):
         for metric in metrics:
             kind = metric.WhichOneof("data")
             if kind is None:
@@ -459,7 +469,7 @@ def _pb_metrics(request) -> Decoded:
                         kind,
                         temporality,
                         monotonic,
-                        _pb_attrs(dp.attributes),
+                        attrs(dp.attributes),
                         dp.time_unix_nano,
                         value,
                         hist,

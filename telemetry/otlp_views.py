@@ -96,7 +96,7 @@ def _export(request: HttpRequest, signal: str) -> HttpResponse:
     try:
         body = read_body(request, encoding, settings.OTLP_MAX_BYTES, raw)
         with gc_paused():
-            decoded = otlp.decode(signal, body, json)
+            decoded = otlp.decode(signal, body, json, full=False)
             accepted = len(decoded.items)
             answer = otlp.response_body(signal, decoded, json)
             error = decoded.error_message

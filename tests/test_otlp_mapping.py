@@ -477,3 +477,26 @@ def test_it_correlates_points_to_runs_and_drops_the_run_label(post_otlp):
     point = RunMetric.objects.get()
     assert point.run.run_id == "run-9" and point.run.slug == "gastown"
     assert "run.id" not in point.labels and "gt.run_id" not in point.labels
+
+
+def test_the_request_and_the_worker_reach_the_same_verdicts():
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
+
+    from telemetry.otlp import decode
+
+    exponential = Metric(name="e")
+    exponential.exponential_histogram.data_points.add(time_unix_nano=1)
+    requests = {
+        "logs": logs_request(log("ok"), log("bad", trace_id="abcd"), log({"k": [1]})),
+        "traces": traces_request(span("ok", ROOT), span("bad", CHILD, "abcd")),
+        "metrics": metrics_request(gauge_metric("g", float("inf")), exponential),
+    }
+    for signal, request in requests.items():
+        body = request.SerializeToString()
+        full, counted = decode(signal, body, False), decode(signal, body, False, full=False)
+        assert (len(counted.items), counted.rejected, counted.reasons) == (
+            len(full.items),
+            full.rejected,
+            full.reasons,
+        )
+        assert full.rejected >= 1
