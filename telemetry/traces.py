@@ -334,32 +334,44 @@ def trace_spans(trace_id: str, project_slug: str = ""):
     return Span.objects.filter(project__in=projects.values("pk"), trace_id=trace_id)
 
 
+def _rows(spans, limit: int) -> list[Span]:
+    return list(
+        spans.select_related("project")
+        .defer("attributes", "resource", "events", "status_message")
+        .annotate(
+            event_count=EventCount("events"),
+            # Counted in the same query as the capped rows: the trace's size per project,
+            # and whether the id is used in more than one project.
+            stored=Window(Count("id"), partition_by=[F("project_id")]),
+            lowest_project=Window(Min("project_id")),
+            highest_project=Window(Max("project_id")),
+        )
+        .order_by("start_time", "span_id")[: limit + 1]
+    )
+
+
 def load_trace(trace_id: str, project_slug: str = "", limit: int | None = None) -> Trace | None:
     """A trace laid out for its waterfall, from one query of at most `limit` + 1 rows.
 
     The heavy JSON (attributes, resource, events) stays in the database: a row's
     details are fetched when it is opened. A trace id used in several projects
-    (unlikely, but ids are client-made) shows the project of its earliest span;
-    the others are named so the page can link them (`?project=`). Twice the cap is
-    read so such a mix still fills the page.
+    (unlikely, but ids are client-made) shows the project of its earliest span and
+    names the others so the page can link them (`?project=`): two more queries,
+    only then.
     """
     limit = limit or MAX_SPANS
-    rows = list(
-        trace_spans(trace_id, project_slug)
-        .select_related("project")
-        .defer("attributes", "resource", "events", "status_message")
-        .annotate(
-            event_count=EventCount("events"),
-            # The total per project, counted in the same query as the capped rows.
-            stored=Window(Count("id"), partition_by=[F("project_id")]),
-        )
-        .order_by("start_time", "span_id")[: limit * 2 + 1]
-    )
+    rows = _rows(trace_spans(trace_id, project_slug), limit)
     if not rows:
         return None
-    project = rows[0].project
-    others = {r.project_id: r.project for r in rows if r.project_id != project.pk}
-    spans = [r for r in rows if r.project_id == project.pk][:limit]
+    project, others = rows[0].project, []
+    if rows[0].lowest_project != rows[0].highest_project:
+        others = list(
+            Project.objects.filter(pk__in=trace_spans(trace_id).values("project_id"))
+            .exclude(pk=project.pk)
+            .order_by("name")
+        )
+        rows = _rows(trace_spans(trace_id, project.slug), limit)
+    spans = rows[:limit]
     tree = build_tree(spans)
     start, duration = layout(tree)
     run_ids = {s.run_id for s in spans if s.run_id is not None}
@@ -372,7 +384,7 @@ def load_trace(trace_id: str, project_slug: str = "", limit: int | None = None) 
         duration_ms=duration,
         ticks=ticks(duration),
         runs=list(Run.objects.filter(pk__in=run_ids).order_by("id")[:5]) if run_ids else [],
-        other_projects=sorted(others.values(), key=lambda p: p.name),
+        other_projects=others,
     )
 
 

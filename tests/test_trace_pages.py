@@ -341,3 +341,31 @@ def test_event_rows_carrying_a_trace_id_link_to_the_trace(operator_client, proje
     assert html.count('class="trace-link"') == 1
     assert f'<a class="trace-link" href="/traces/{TRACE}?project=acme">' in html
     assert 'href="javascript' not in html
+
+
+def test_the_runs_traces_take_two_queries_however_many_there_are(
+    project, django_assert_num_queries
+):
+    run = Run.objects.create(project=project, run_id="many", slug="s")
+    spans = []
+    for t in range(60):  # 60 traces of 3 spans: a root and two children
+        trace_id = f"{t + 1:032x}"
+        spans += [
+            span(1, None, t * 10, 9, trace_id=trace_id, name=f"root-{t}"),
+            span(2, 1, t * 10 + 1, 2, trace_id=trace_id),
+            span(3, 1, t * 10 + 3, 2, trace_id=trace_id),
+        ]
+    for s in spans:
+        s.project, s.run = project, run
+    Span.objects.bulk_create(spans)
+    with django_assert_num_queries(2):  # the GROUP BY, then the roots' names
+        rows, more = traces.run_traces(run)
+    assert len(rows) == 50 and more is True
+    assert [r["root"] for r in rows[:2]] == ["root-0", "root-1"]
+    assert {r["spans"] for r in rows} == {3}
+
+
+def test_the_nav_marks_spans_on_trace_pages(operator_client, stored):
+    html = operator_client.get(url()).content.decode()
+    assert 'aria-current="page">Spans</a>' in html
+    assert 'aria-current="page">Errors</a>' not in html
