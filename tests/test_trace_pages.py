@@ -281,6 +281,10 @@ def test_a_large_trace_is_capped_and_says_so(operator_client, project, monkeypat
     html = operator_client.get(url()).content.decode()
     assert html.count('class="span-row') == 50
     assert "This trace has 120 spans: the waterfall shows the first 50 by start time." in html
+    # A span past the cap, opened by its link, is shown above the waterfall.
+    beyond = operator_client.get(f"{url()}/spans/{sid(100)}").content.decode()
+    assert '<section class="card span-detail" aria-label="Span details">' in beyond
+    assert "<code>0000000000000064</code>" in beyond
 
 
 def test_operators_see_every_project_and_namesake_traces_are_linked(
@@ -369,3 +373,51 @@ def test_the_nav_marks_spans_on_trace_pages(operator_client, stored):
     html = operator_client.get(url()).content.decode()
     assert 'aria-current="page">Spans</a>' in html
     assert 'aria-current="page">Errors</a>' not in html
+
+
+def test_a_trace_exported_by_the_opentelemetry_sdk_shows_as_its_waterfall(
+    operator_client, client, token, django_capture_on_commit_callbacks
+):
+    """The real SDK and encoder, the real receiver (eager worker), then the page."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import Status, StatusCode
+
+    exporter = InMemorySpanExporter()
+    resource = Resource.create({"service.name": "gastown", "run.id": "sdk-run"})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("runlens-tests")
+    with tracer.start_as_current_span("gt.session") as root:
+        with tracer.start_as_current_span("bd.call"):
+            pass
+        with tracer.start_as_current_span("llm.call") as call:
+            call.set_attribute("evil", HOSTILE)
+            call.add_event("retry", {"attempt": 2})
+            call.set_status(Status(StatusCode.ERROR, "rate limited"))
+    trace_id = f"{root.get_span_context().trace_id:032x}"
+    body = encode_spans(exporter.get_finished_spans()).SerializeToString()
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(
+            "/v1/traces",
+            body,
+            content_type="application/x-protobuf",
+            HTTP_AUTHORIZATION=f"Bearer {token}",
+        )
+    assert response.status_code == 200
+
+    html = operator_client.get(url(trace_id)).content.decode()
+    names = [n for n in ("gt.session", "bd.call", "llm.call") if f">{n}</span>" in html]
+    assert names == ["gt.session", "bd.call", "llm.call"]
+    assert html.index(">bd.call<") < html.index(">llm.call<")
+    assert html.count('class="wf-name d-1"') == 2 and 'class="bar-error"' in html
+    call_id = f"{call.get_span_context().span_id:016x}"
+    detail = operator_client.get(f"{url(trace_id)}/spans/{call_id}", HTTP_HX_REQUEST="true")
+    text = detail.content.decode()
+    assert "retry" in text and "attempt" in text and "rate limited" in text
+    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in text and "<script>" not in text
+    run_page = operator_client.get("/runs/sdk-run").content.decode()
+    assert f'href="/traces/{trace_id}?project=acme"' in run_page
