@@ -23,6 +23,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from itertools import islice
 from typing import Any
 
@@ -926,19 +927,53 @@ def _clean(data: dict, message: str = "") -> tuple[dict, str]:
     return rec.data, rec.message
 
 
+_RUN_VARYING = ("run_id", "slug", "started_at")
+
+
+@cache
+def _insert_runs_sql() -> tuple[str, list]:
+    """INSERT of new runs from arrays of (run_id, slug, started_at); every other column
+    takes the model's default, prepared by its field as the ORM would."""
+    qn = connection.ops.quote_name
+    fields = [f for f in Run._meta.concrete_fields if not f.primary_key]
+    selects = []
+    for f in fields:
+        if f.name in _RUN_VARYING:
+            selects.append(f"v.{f.name}")
+        else:
+            selects.append(f"%s::{f.cast_db_type(connection)}")
+    columns = ", ".join(qn(f.column) for f in fields)
+    sql = (
+        f"INSERT INTO {qn(Run._meta.db_table)} ({columns}) SELECT {', '.join(selects)}"
+        " FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS v(run_id, slug, started_at)"
+        " ON CONFLICT (project_id, run_id) DO NOTHING RETURNING run_id, id"
+    )
+    return sql, [f for f in fields if f.name not in _RUN_VARYING]
+
+
 def _ensure_runs(project, wanted: dict[str, tuple[str, datetime]]) -> dict[str, int]:
-    """run_id -> Run.pk, creating the runs not seen before (with their slug)."""
+    """run_id -> Run.pk, creating the runs not seen before (with their slug).
+
+    One INSERT … FROM unnest for the new ones: a trace is a run of its own, so a batch
+    of spans often opens dozens of runs, and bulk_create prepares every field of every
+    run in Python.
+    """
     if not wanted:
         return {}
-    Run.objects.bulk_create(
-        [
-            Run(project=project, run_id=run_id, slug=slug, started_at=at)
-            for run_id, (slug, at) in wanted.items()
-        ],
-        ignore_conflicts=True,
-    )
-    found = Run.objects.filter(project=project, run_id__in=list(wanted))
-    return dict(found.values_list("run_id", "id"))
+    runs = Run.objects.filter(project=project)
+    found = dict(runs.filter(run_id__in=list(wanted)).values_list("run_id", "id"))
+    missing = [run_id for run_id in wanted if run_id not in found]
+    if missing:
+        sql, constant = _insert_runs_sql()
+        template = Run(project=project)
+        params = [f.get_db_prep_save(getattr(template, f.attname), connection) for f in constant]
+        params += [missing, [wanted[r][0] for r in missing], [wanted[r][1] for r in missing]]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            found.update(cursor.fetchall())
+        if len(found) < len(wanted):  # created meanwhile by another batch
+            found.update(runs.filter(run_id__in=missing).values_list("run_id", "id"))
+    return found
 
 
 def _lock_runs(ids: list[int]) -> None:
@@ -1067,6 +1102,19 @@ SPAN_COLUMNS = (
 )
 
 
+# The loading table of a connection, kept across its transactions (emptied after each
+# batch). JSON columns are text there: PostgreSQL parses each value once, on the way
+# into telemetry_span, not also on the way in here.
+_SPAN_LOAD_TABLE = """CREATE TEMP TABLE IF NOT EXISTS otlp_span_load (
+    project_id bigint, run_id bigint, trace_id text, span_id text, parent_span_id text,
+    name text, kind smallint, service text, start_time timestamptz, end_time timestamptz,
+    duration_ms double precision, status_code smallint, status_message text,
+    attributes text, resource text, events text)"""
+_SPAN_SELECT = SPAN_COLUMNS.replace("attributes,", "attributes::jsonb,").replace(
+    "resource, events", "resource::jsonb, events::jsonb"
+)
+
+
 def _span_parts(item: SpanIn) -> tuple[dict, list, str]:
     attrs, cut = bounded(item.attrs)
     events = []
@@ -1160,33 +1208,35 @@ def store_traces_batch(batch, body: bytes) -> int:
         append(b"\n")
 
     with connection.cursor() as cursor:
-        cursor.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS otlp_span_load AS"
-            f" SELECT {SPAN_COLUMNS} FROM telemetry_span WITH NO DATA"
-        )
+        cursor.execute(_SPAN_LOAD_TABLE)
+        # Emptied first (not after): cheaper than a DELETE, and a rolled-back batch
+        # or an earlier one of the same transaction leaves nothing behind.
+        cursor.execute("TRUNCATE otlp_span_load")
         with cursor.copy(f"COPY otlp_span_load ({SPAN_COLUMNS}) FROM STDIN") as copy:
             copy.write(b"".join(parts))
         cursor.execute(
-            f"INSERT INTO telemetry_span ({SPAN_COLUMNS}) SELECT {SPAN_COLUMNS}"
+            f"INSERT INTO telemetry_span ({SPAN_COLUMNS}) SELECT {_SPAN_SELECT}"
             " FROM otlp_span_load ON CONFLICT (project_id, trace_id, span_id) DO NOTHING"
         )
         stored = cursor.rowcount
-        cursor.execute("DELETE FROM otlp_span_load")
     _lock_runs(list(activity))
-    _update_span_runs(activity)
-    _merge_run_attributes(context)
+    _update_span_runs(activity, context)
     return stored
 
 
-def _update_span_runs(activity: dict[int, list]) -> None:
-    """Spans are signs of life of their run; a trace's root span finishes a run of its own."""
-    ids, firsts, lasts, statuses, ends = [], [], [], [], []
+def _update_span_runs(activity: dict[int, list], context: dict[int, dict]) -> None:
+    """Spans are signs of life of their run; a trace's root span finishes a run of its own.
+
+    The run's attributes take the newest work context of its spans, in the same UPDATE.
+    """
+    ids, firsts, lasts, statuses, ends, attrs = [], [], [], [], [], []
     for pk, (first, last, status, finished) in activity.items():
         ids.append(pk)
         firsts.append(first)
         lasts.append(last)
         statuses.append(status)
         ends.append(finished)
+        attrs.append(orjson.dumps(context.get(pk, {})).decode())
     finishing = "v.status <> '' AND r.status IN ('running', 'orphaned')"
     with connection.cursor() as cursor:
         cursor.execute(
@@ -1199,11 +1249,13 @@ def _update_span_runs(activity: dict[int, list]) -> None:
                 exit_clean = CASE WHEN {finishing} THEN true ELSE r.exit_clean END,
                 duration_ms = CASE WHEN {finishing} THEN GREATEST(0, (1000 * extract(epoch
                     FROM v.end_at - LEAST(r.started_at, v.first_at)))::bigint)
-                    ELSE r.duration_ms END
+                    ELSE r.duration_ms END,
+                attributes = r.attributes || v.attrs
             FROM unnest(%s::bigint[], %s::timestamptz[], %s::timestamptz[], %s::text[],
-                        %s::timestamptz[]) AS v(id, first_at, last_at, status, end_at)
+                        %s::timestamptz[], %s::jsonb[])
+                AS v(id, first_at, last_at, status, end_at, attrs)
             WHERE r.id = v.id""",
-            [ids, firsts, lasts, statuses, ends],
+            [ids, firsts, lasts, statuses, ends, attrs],
         )
 
 
