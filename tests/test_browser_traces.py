@@ -123,6 +123,12 @@ def test_clicking_a_span_shows_its_attributes_and_events(page, world):
     assert HOSTILE in text  # shown as text…
     assert page.evaluate("window.__pwned === undefined")  # …and never run
     assert page.evaluate("window.__sameDocument") is True  # loaded in place, no reload
+    # A narrow screen: the page never scrolls sideways, even with a row open.
+    page.set_viewport_size({"width": 375, "height": 800})
+    overflow = page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 1
     # No CSP violation, no failed request (but for the favicon Runlens does not have).
     assert [url for url in failed if not url.endswith("/favicon.ico")] == []
     assert [text for text in problems if not text.startswith("Failed to load resource")] == []
