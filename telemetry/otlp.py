@@ -927,53 +927,78 @@ def _clean(data: dict, message: str = "") -> tuple[dict, str]:
     return rec.data, rec.message
 
 
-_RUN_VARYING = ("run_id", "slug", "started_at")
+# What a new run takes from the items that open it; every other column its default.
+_RUN_VARYING = {
+    "run_id": "text",
+    "slug": "text",
+    "started_at": "timestamptz",
+    "last_event_at": "timestamptz",
+    "status": "text",
+    "finished_at": "timestamptz",
+    "exit_clean": "boolean",
+    "duration_ms": "bigint",
+    "attributes": "jsonb",
+}
 
 
 @cache
 def _insert_runs_sql() -> tuple[str, list]:
-    """INSERT of new runs from arrays of (run_id, slug, started_at); every other column
-    takes the model's default, prepared by its field as the ORM would."""
+    """INSERT of new runs from one array per _RUN_VARYING column; the other columns take
+    the model's defaults, prepared by their fields as the ORM would."""
     qn = connection.ops.quote_name
     fields = [f for f in Run._meta.concrete_fields if not f.primary_key]
-    selects = []
-    for f in fields:
-        if f.name in _RUN_VARYING:
-            selects.append(f"v.{f.name}")
-        else:
-            selects.append(f"%s::{f.cast_db_type(connection)}")
-    columns = ", ".join(qn(f.column) for f in fields)
+    selects = [
+        f"v.{f.name}" if f.name in _RUN_VARYING else f"%s::{f.cast_db_type(connection)}"
+        for f in fields
+    ]
+    arrays = ", ".join(f"%s::{kind}[]" for kind in _RUN_VARYING.values())
     sql = (
-        f"INSERT INTO {qn(Run._meta.db_table)} ({columns}) SELECT {', '.join(selects)}"
-        " FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS v(run_id, slug, started_at)"
+        f"INSERT INTO {qn(Run._meta.db_table)} ({', '.join(qn(f.column) for f in fields)})"
+        f" SELECT {', '.join(selects)} FROM unnest({arrays}) AS v({', '.join(_RUN_VARYING)})"
         " ON CONFLICT (project_id, run_id) DO NOTHING RETURNING run_id, id"
     )
     return sql, [f for f in fields if f.name not in _RUN_VARYING]
 
 
-def _ensure_runs(project, wanted: dict[str, tuple[str, datetime]]) -> dict[str, int]:
-    """run_id -> Run.pk, creating the runs not seen before (with their slug).
+def _new_run(slug: str, at: datetime) -> dict:
+    return {"slug": slug, "started_at": at, "status": Run.Status.RUNNING}
 
-    One INSERT … FROM unnest for the new ones: a trace is a run of its own, so a batch
-    of spans often opens dozens of runs, and bulk_create prepares every field of every
-    run in Python.
+
+def _ensure_runs(project, wanted: dict[str, dict]) -> tuple[dict[str, int], set[str]]:
+    """run_id -> Run.pk, creating the runs not seen before, and the run_ids created.
+
+    A new run is written whole (slug, times, status, attributes from `wanted`) by one
+    INSERT … FROM unnest: a trace is a run of its own, so a batch of spans often opens
+    dozens of runs; bulk_create would prepare every field of every run in Python, and
+    an UPDATE after the INSERT would write each run twice.
     """
     if not wanted:
-        return {}
+        return {}, set()
     runs = Run.objects.filter(project=project)
     found = dict(runs.filter(run_id__in=list(wanted)).values_list("run_id", "id"))
     missing = [run_id for run_id in wanted if run_id not in found]
+    created: set[str] = set()
     if missing:
         sql, constant = _insert_runs_sql()
         template = Run(project=project)
         params = [f.get_db_prep_save(getattr(template, f.attname), connection) for f in constant]
-        params += [missing, [wanted[r][0] for r in missing], [wanted[r][1] for r in missing]]
+        for name, kind in _RUN_VARYING.items():
+            values = [
+                run_id if name == "run_id" else wanted[run_id].get(name) for run_id in missing
+            ]
+            if kind == "jsonb":
+                values = [orjson.dumps(v or {}).decode() for v in values]
+            elif kind == "boolean":
+                values = [bool(v) for v in values]
+            params.append(values)
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-            found.update(cursor.fetchall())
+            rows = cursor.fetchall()
+        found.update(rows)
+        created = {run_id for run_id, _ in rows}
         if len(found) < len(wanted):  # created meanwhile by another batch
             found.update(runs.filter(run_id__in=missing).values_list("run_id", "id"))
-    return found
+    return found, created
 
 
 def _lock_runs(ids: list[int]) -> None:
@@ -1102,14 +1127,17 @@ SPAN_COLUMNS = (
 )
 
 
-# The loading table of a connection, kept across its transactions (emptied after each
-# batch). JSON columns are text there: PostgreSQL parses each value once, on the way
-# into telemetry_span, not also on the way in here.
+# The loading table of a connection, kept across its transactions and emptied in
+# place when each commits: no new file per batch (TRUNCATE), no dead rows that no
+# autovacuum would ever clean (DELETE). Rows left by an earlier batch of the same
+# transaction (tests only: a worker commits every batch) are the same spans again,
+# which ON CONFLICT skips. JSON columns are text here: PostgreSQL parses each value
+# once, on the way into telemetry_span.
 _SPAN_LOAD_TABLE = """CREATE TEMP TABLE IF NOT EXISTS otlp_span_load (
     project_id bigint, run_id bigint, trace_id text, span_id text, parent_span_id text,
     name text, kind smallint, service text, start_time timestamptz, end_time timestamptz,
     duration_ms double precision, status_code smallint, status_message text,
-    attributes text, resource text, events text)"""
+    attributes text, resource text, events text) ON COMMIT DELETE ROWS"""
 _SPAN_SELECT = SPAN_COLUMNS.replace("attributes,", "attributes::jsonb,").replace(
     "resource, events", "resource::jsonb, events::jsonb"
 )
@@ -1145,52 +1173,58 @@ def store_traces_batch(batch, body: bytes) -> int:
     if not decoded.items:
         return 0
     project = batch.project
-    # Runs: by attribute, else one per trace. Per run: first start, last end, and for
-    # a run of its own trace, the root span that finishes it.
+    # Runs: by attribute, else one per trace. Per run: first start, last end, the root
+    # span that finishes a run of its own trace, and the newest context.
     refs: list[str] = []
-    wanted: dict[str, tuple[str, datetime]] = {}
+    spans: list[tuple] = []
+    runs: dict[str, dict] = {}
     for item in decoded.items:
         run_id = _run_ref(item.attrs, item.scope) or f"trace-{item.trace_id}"
+        start, end = _ns_time(item.start_ns), _ns_time(item.end_ns)
+        attrs, events, status_message = _span_parts(item)
         refs.append(run_id)
-        if run_id not in wanted:
-            wanted[run_id] = (_slug(item.attrs, item.scope), _ns_time(item.start_ns))
-    run_pks = _ensure_runs(project, wanted)
+        spans.append((start, end, attrs, events, status_message))
+        run = runs.get(run_id)
+        if run is None:
+            runs[run_id] = run = _new_run(_slug(item.attrs, item.scope), start)
+            run["last_event_at"], run["attributes"] = end, {}
+        run["started_at"], run["last_event_at"] = (
+            min(run["started_at"], start),
+            max(run["last_event_at"], end),
+        )
+        if not item.parent_span_id and run_id == f"trace-{item.trace_id}":
+            run["finish"] = "failed" if item.status_code == 2 else "succeeded"
+            run["end"] = end
+        run["attributes"].update(_context({**item.scope.derived()["base"], **attrs}))
+    for run in runs.values():
+        if "finish" in run:  # new runs are written finished at once
+            run.update(status=run["finish"], finished_at=run["end"], exit_clean=True)
+            run["duration_ms"] = max(
+                0, int((run["end"] - run["started_at"]).total_seconds() * 1000)
+            )
+    run_pks, created = _ensure_runs(project, runs)
 
     resources: dict[int, bytes] = {}  # id(scope) -> COPY text of its resource
-    activity: dict[int, list] = {}  # run pk -> [first start, last end, status, finished]
-    context: dict[int, dict] = {}
     parts: list[bytes] = []
     append = parts.append
-    for item, run_id in zip(decoded.items, refs, strict=True):
+    for item, run_id, (start, end, attrs, events, status_message) in zip(
+        decoded.items, refs, spans, strict=True
+    ):
         scope = item.scope
-        derived = scope.derived()
         key = id(scope)
         if key not in resources:
             resource, _ = _clean(bounded(dict(scope.resource))[0])
             resources[key] = _copy_json(resource)
-        run_pk = run_pks[run_id]
-        start, end = _ns_time(item.start_ns), _ns_time(item.end_ns)
-        attrs, events, status_message = _span_parts(item)
-        seen = activity.get(run_pk)
-        if seen is None:
-            activity[run_pk] = seen = [start, end, "", None]
-        seen[0], seen[1] = min(seen[0], start), max(seen[1], end)
-        if not item.parent_span_id and run_id == f"trace-{item.trace_id}":
-            seen[2] = "failed" if item.status_code == 2 else "succeeded"
-            seen[3] = end
-        ctx = _context({**derived["base"], **attrs})
-        if ctx:
-            context.setdefault(run_pk, {}).update(ctx)
         text = "\t".join(
             (
                 str(project.pk),
-                str(run_pk),
+                str(run_pks[run_id]),
                 item.trace_id,
                 item.span_id,
                 item.parent_span_id,
                 _copy_text(item.name[:200]),
                 str(item.kind),
-                _copy_text(derived["service"]),
+                _copy_text(scope.derived()["service"]),
                 start.isoformat(),
                 end.isoformat(),
                 repr((item.end_ns - item.start_ns) / 1e6),
@@ -1209,9 +1243,6 @@ def store_traces_batch(batch, body: bytes) -> int:
 
     with connection.cursor() as cursor:
         cursor.execute(_SPAN_LOAD_TABLE)
-        # Emptied first (not after): cheaper than a DELETE, and a rolled-back batch
-        # or an earlier one of the same transaction leaves nothing behind.
-        cursor.execute("TRUNCATE otlp_span_load")
         with cursor.copy(f"COPY otlp_span_load ({SPAN_COLUMNS}) FROM STDIN") as copy:
             copy.write(b"".join(parts))
         cursor.execute(
@@ -1219,24 +1250,24 @@ def store_traces_batch(batch, body: bytes) -> int:
             " FROM otlp_span_load ON CONFLICT (project_id, trace_id, span_id) DO NOTHING"
         )
         stored = cursor.rowcount
-    _lock_runs(list(activity))
-    _update_span_runs(activity, context)
+    existing = {run_pks[r]: run for r, run in runs.items() if r not in created}
+    if existing:
+        _lock_runs(list(existing))
+        _update_span_runs(existing)
     return stored
 
 
-def _update_span_runs(activity: dict[int, list], context: dict[int, dict]) -> None:
-    """Spans are signs of life of their run; a trace's root span finishes a run of its own.
-
-    The run's attributes take the newest work context of its spans, in the same UPDATE.
-    """
+def _update_span_runs(runs: dict[int, dict]) -> None:
+    """Spans are signs of life of a run that existed before the batch; the root span of
+    a trace finishes the run of that trace; the newest work context goes on the run."""
     ids, firsts, lasts, statuses, ends, attrs = [], [], [], [], [], []
-    for pk, (first, last, status, finished) in activity.items():
+    for pk, run in runs.items():
         ids.append(pk)
-        firsts.append(first)
-        lasts.append(last)
-        statuses.append(status)
-        ends.append(finished)
-        attrs.append(orjson.dumps(context.get(pk, {})).decode())
+        firsts.append(run["started_at"])
+        lasts.append(run["last_event_at"])
+        statuses.append(run.get("finish", ""))
+        ends.append(run.get("end"))
+        attrs.append(orjson.dumps(run["attributes"]).decode())
     finishing = "v.status <> '' AND r.status IN ('running', 'orphaned')"
     with connection.cursor() as cursor:
         cursor.execute(
@@ -1284,11 +1315,11 @@ def store_metrics_batch(batch, body: bytes) -> int:
         return 0
     project = batch.project
     refs = [_run_ref(item.attrs, item.scope) for item in decoded.items]
-    wanted: dict[str, tuple[str, datetime]] = {}
+    wanted: dict[str, dict] = {}
     for item, run_id in zip(decoded.items, refs, strict=True):
         if run_id and run_id not in wanted:
-            wanted[run_id] = (_slug(item.attrs, item.scope), _ns_time(item.time_ns))
-    run_pks = _ensure_runs(project, wanted)
+            wanted[run_id] = _new_run(_slug(item.attrs, item.scope), _ns_time(item.time_ns))
+    run_pks, _ = _ensure_runs(project, wanted)
     keys = settings.OTLP_RUN_ATTRIBUTES
     parts: list[bytes] = []
     for item, run_id in zip(decoded.items, refs, strict=True):
