@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -137,12 +138,20 @@ def _labels(raw: Any) -> dict[str, str]:
         if len(value) > MAX_LABEL_VALUE:
             raise MetricError(f"labels.{key[:40]}: longer than {MAX_LABEL_VALUE} characters")
         # Secrets never reach the database, here as in event data.
-        if _SECRET_KEY.match(key) and value:
-            value = REDACTED
-        else:
-            value = _SECRET_VALUE.sub(_redact_match, _clean(value))
-        labels[key] = value
+        labels[key] = REDACTED if value and _secret_key(key) else _safe_value(value)
     return labels
+
+
+# Label keys and values repeat from point to point (model, host, tool names): each
+# distinct one is tested once, not once per point. Values are short, so the caches are small.
+@lru_cache(maxsize=4096)
+def _secret_key(key: str) -> bool:
+    return _SECRET_KEY.match(key) is not None
+
+
+@lru_cache(maxsize=16384)
+def _safe_value(value: str) -> str:
+    return _SECRET_VALUE.sub(_redact_match, _clean(value))
 
 
 def judge(obj: Any, default_at: datetime) -> Metric:
@@ -155,12 +164,20 @@ def judge(obj: Any, default_at: datetime) -> Metric:
     """
     if not isinstance(obj, dict):
         raise MetricError("item must be a JSON object")
-    name = _first(obj, "metric_name", "name")
+    name = obj.get("metric_name")
+    if name is None:
+        name = obj.get("name")
     if not isinstance(name, str) or not (name := _clean(name).strip()):
         raise MetricError("metric_name: required non-empty string")
     if len(name) > MAX_NAME:
         raise MetricError(f"metric_name: longer than {MAX_NAME} characters")
-    value = _value(_first(obj, "metric_value", "value"))
+    value = obj.get("metric_value")
+    if type(value) is not int and type(value) is not float:  # the common case, as is
+        value = _value(_first(obj, "metric_value", "value"))
+    elif not math.isfinite(value):
+        raise MetricError("metric_value: must be finite (no NaN or infinity)")
+    else:
+        value = float(value)
     if name in NON_NEGATIVE and value < 0:
         raise MetricError(f"metric_value: {name} must not be negative")
     if name == "cost_usd" and value >= MAX_COST:
