@@ -68,6 +68,8 @@ _NAME_LIKE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:\-]{0,99}")
 WORK_KEYS = ("work_rig", "work_bead", "work_mol")
 # Attributes copied onto the run and into metric labels when the resource has them.
 CONTEXT_KEYS = ("service.name", "gt.rig", "gt.role", "gt.agent", *WORK_KEYS)
+# Attribute names that carry context, in any of their spellings.
+_CONTEXT_NAMES = frozenset((*CONTEXT_KEYS, *(f"gt.{key}" for key in WORK_KEYS)))
 # RunMetric labels marking a sum's or histogram's temporality and monotonicity.
 TEMPORALITY = {1: "delta", 2: "cumulative"}
 _SPAN_KINDS = {
@@ -1195,7 +1197,9 @@ def store_traces_batch(batch, body: bytes) -> int:
         if not item.parent_span_id and run_id == f"trace-{item.trace_id}":
             run["finish"] = "failed" if item.status_code == 2 else "succeeded"
             run["end"] = end
-        run["attributes"].update(_context({**item.scope.derived()["base"], **attrs}))
+        run["attributes"].update(item.scope.derived()["context"])
+        if not _CONTEXT_NAMES.isdisjoint(attrs):  # the span's own context wins
+            run["attributes"].update(_context({**item.scope.derived()["base"], **attrs}))
     for run in runs.values():
         if "finish" in run:  # new runs are written finished at once
             run.update(status=run["finish"], finished_at=run["end"], exit_clean=True)

@@ -393,6 +393,19 @@ def test_it_attaches_spans_to_the_run_their_attributes_name(post_otlp):
     run = Run.objects.get()
     assert run.run_id == "run-1" and run.spans.get().name == "gt.session"
     assert run.status == "running"  # a run named by the agent finishes by its own events
+    assert run.attributes["gt.agent"] == "Toast"
+
+
+def test_it_puts_a_spans_work_context_on_its_run(post_otlp):
+    post_otlp(
+        "traces",
+        traces_request(
+            span("bd.call", CHILD, ROOT, attributes={"work_bead": "sg-g8vs"}),
+            resource={**GASTOWN, "gt.work_bead": "sg-05iq"},
+        ),
+    )
+    run = Run.objects.get()
+    assert (run.attributes["work_bead"], run.attributes["gt.rig"]) == ("sg-g8vs", "gastown")
 
 
 def test_it_redacts_and_bounds_span_attributes(post_otlp, settings):
