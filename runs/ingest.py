@@ -915,7 +915,43 @@ def store_records(project: Project, pairs: list[tuple[bytes | None, Record]]) ->
     from telemetry.errors import record_event_errors  # imports this module: import late
 
     record_event_errors(project, records)  # error-level events and crashes -> error groups
+    _count_events(project, records)  # last: its row locks are held only until the commit
     return len(records)
+
+
+_COUNT_EVENTS = """
+INSERT INTO runs_eventcount (project_id, minute, events, errors)
+SELECT %s, to_timestamp(m * 60), e, r
+FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS t(m, e, r)
+ORDER BY m
+ON CONFLICT (project_id, minute) DO UPDATE
+SET events = runs_eventcount.events + excluded.events,
+    errors = runs_eventcount.errors + excluded.errors
+"""
+
+
+def _count_events(project: Project, records: list[Record]) -> None:
+    """Add the batch to the per-minute event counts (EventCount), in minute order so two
+    workers upserting the same minutes lock them in the same order."""
+    minutes: dict[int, list[int]] = {}
+    for rec in records:
+        counts = minutes.get(key := int(rec.ts.timestamp()) // 60)
+        if counts is None:
+            counts = minutes[key] = [0, 0]
+        counts[0] += 1
+        if rec.level == "error":
+            counts[1] += 1
+    keys = sorted(minutes)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _COUNT_EVENTS,
+            [
+                project.pk,
+                keys,
+                [minutes[k][0] for k in keys],
+                [minutes[k][1] for k in keys],
+            ],
+        )
 
 
 def process_batch(batch_id: int) -> bool:

@@ -636,6 +636,29 @@ def diff_texts(old: str, new: str, old_label: str, new_label: str) -> Diff:
     return parse_unified_diff("\n".join(lines))
 
 
+class EventCount(models.Model):
+    """Events and error-level events per project and minute of their time.
+
+    What /health and the dashboard count ("events in the last 24 hours") without
+    reading the events themselves: a day is at most 1,440 rows per project however
+    many millions of events it holds. Kept by the worker, one upsert per batch.
+    """
+
+    project = models.ForeignKey(Project, models.CASCADE, related_name="+")
+    minute = models.DateTimeField()
+    events = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "minute"], name="eventcount_minute")
+        ]
+        indexes = [models.Index(fields=["minute"], name="eventcount_by_minute")]
+
+    def __str__(self) -> str:
+        return f"{self.events} events at {self.minute:%Y-%m-%d %H:%M}"
+
+
 class RunMetric(models.Model):
     """One number an agent reported: GitTinkerer's `run_metrics`, Code Buddy's tool and
     provider metrics, OTLP sums and gauges. High volume, append-only, like Event.

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from runs.models import Project, Run
+from runs.models import EventCount, Project, Run
 
 CHUNK = 200
 REPORT_CHUNK = 5000
@@ -56,6 +56,8 @@ def prune() -> dict[str, int]:
     result = {}
     for project in Project.objects.all():
         result[project.slug] = delete_runs(expired_run_ids(project))
+        cutoff = timezone.now() - timedelta(days=project.retention_max_age_days)
+        EventCount.objects.filter(project=project, minute__lt=cutoff).delete()
     reports = prune_error_reports()
     logger.info("retention: %s error report(s) deleted", reports, extra={"reports": reports})
     from telemetry.health import record_retention  # the status page shows the last run

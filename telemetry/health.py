@@ -3,8 +3,8 @@ the `/status` page, and the small state files the status page reads (docs/operat
 
 The counters are meant to be polled every few seconds on an installation with tens of
 millions of events, so each one is answered from an index: the partial index on live
-runs, the BRIN index on event time, the partial index on pending batches. A statement
-timeout bounds them all: a slow counter comes back empty, never a hung probe.
+runs, the per-minute event counts the worker keeps, the partial index on pending
+batches. A statement timeout bounds them all: a slow counter comes back empty, never a hung probe.
 """
 
 from __future__ import annotations
@@ -125,14 +125,17 @@ def broker_ok() -> bool:
 # --- Counters -----------------------------------------------------------------------
 
 # One round trip. Every part is answered by an index: run_active (partial, live runs),
-# event_ts_brin (events of the last day), errorreport_received_brin, batch_pending.
+# eventcount_by_minute (the per-minute event counts the worker keeps: at most 1,440
+# rows a project for a day, however many events it holds), errorreport_received_brin,
+# batch_pending.
 _COUNTERS_SQL = """
 SELECT
   (SELECT count(*) FROM runs_run),
   (SELECT count(*) FROM runs_run WHERE status = 'running'),
-  (SELECT count(*) FROM runs_event WHERE ts >= %(day_ago)s AND ts <= %(now)s),
-  (SELECT count(*) FROM runs_event
-     WHERE ts >= %(day_ago)s AND ts <= %(now)s AND level = 'error'),
+  (SELECT coalesce(sum(events), 0)::bigint FROM runs_eventcount
+     WHERE minute >= date_trunc('minute', %(day_ago)s::timestamptz) AND minute <= %(now)s),
+  (SELECT coalesce(sum(errors), 0)::bigint FROM runs_eventcount
+     WHERE minute >= date_trunc('minute', %(day_ago)s::timestamptz) AND minute <= %(now)s),
   (SELECT count(*) FROM telemetry_errorreport
      WHERE received_at >= %(day_ago)s AND source <> 'event'),
   (SELECT count(*) FROM telemetry_ingestbatch WHERE state = 'pending'),

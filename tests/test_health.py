@@ -12,9 +12,11 @@ from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 
+from runs import ingest
 from runs.models import Event, Run
 from telemetry import health
 from telemetry.models import ErrorGroup, ErrorReport, IngestBatch
+from tests.conftest import ndjson, record
 
 KEYS = {"status", "version", "commit", "uptime_seconds", "db_ok", "broker_ok", "metrics"}
 METRIC_KEYS = {
@@ -49,7 +51,8 @@ def make_run(project, run_id: str, status: str = "succeeded", **fields) -> Run:
 
 
 def add_event(run: Run, seq: int, ts, level: str = "info", event: str = "x.y") -> None:
-    Event.objects.create(run=run, seq=seq, ts=ts, level=level, event=event, data={})
+    event = Event.objects.create(run=run, seq=seq, ts=ts, level=level, event=event, data={})
+    ingest._count_events(run.project, [event])  # as the worker counts what it stores
 
 
 @pytest.fixture
@@ -71,9 +74,7 @@ def world(project):
     )
     ErrorReport.objects.create(group=group, project=project, source="frontend")
     ErrorReport.objects.create(group=group, project=project, source="event")  # = the event
-    IngestBatch.objects.create(
-        project=project, body=b"", received_at=now - timedelta(seconds=120)
-    )
+    IngestBatch.objects.create(project=project, body=b"", received_at=now - timedelta(seconds=120))
     IngestBatch.objects.create(project=project, body=b"", state="done", processed_at=now)
     return now
 
@@ -196,3 +197,21 @@ def test_health_requests_are_not_logged_unless_asked(client, db, caplog, setting
         settings.LOG_HEALTH_REQUESTS = True
         client.get("/health")
     assert [r.path for r in caplog.records if r.name == "runlens.request"] == ["/health"]
+
+
+def test_events_of_the_day_are_counted_from_what_the_worker_stored(client, post_events):
+    # The counts come from the per-minute tally the worker keeps, not from the events.
+    now = timezone.now()
+    recent, old = now - timedelta(minutes=3), now - timedelta(days=3)
+    post_events(
+        ndjson(
+            record("a.b", ts=recent.isoformat()),
+            record("a.b", ts=recent.isoformat(), level="error"),
+            record("a.b", ts=old.isoformat(), level="error"),
+        ),
+        run_id="r",
+    )
+    post_events(ndjson(record("a.c", ts=recent.isoformat())), run_id="r")
+    metrics = client.get("/health").json()["metrics"]
+    assert metrics["events_last_24h"] == 3
+    assert metrics["errors_last_24h"] == 1
