@@ -26,6 +26,13 @@ def eager_celery():
     yield
 
 
+@pytest.fixture(autouse=True)
+def private_status_dir(settings, tmp_path_factory):
+    """State files (worker heartbeats, the last retention run) go to a test folder,
+    never into the var/ of the installation the tests run from."""
+    settings.VAR_DIR = tmp_path_factory.mktemp("var")
+
+
 @pytest.fixture
 def project(db) -> Project:
     return Project.objects.create(name="Acme agents", slug="acme")

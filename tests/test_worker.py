@@ -68,6 +68,7 @@ def worker(real_broker, tmp_path):
         **os.environ,
         "DATABASE_URL": database_url(),
         "CELERY_BROKER_URL": REDIS_URL,
+        "RUNLENS_VAR_DIR": str(tmp_path),  # its heartbeat files, not the installation's
         "PYTHONUNBUFFERED": "1",
     }
     with open(tmp_path / "worker.log", "w+") as log:
