@@ -160,7 +160,7 @@ def aggregate_metrics(request: HttpRequest, q: Query[AggregateQuery]):
 class ExportQuery(Schema):
     metricName: str = Field("", max_length=200, description="empty: every metric")  # noqa: N815
     format: str = Field("csv", description="csv or jsonl")
-    limit: int | None = Field(None, ge=1, description="at most this many points")
+    limit: int | None = Field(None, ge=1, le=10**12, description="at most this many points")
     since: str = Field("", description="ISO 8601 or epoch seconds, inclusive")
     until: str = Field("", description="ISO 8601 or epoch seconds, exclusive")
     slug: str = Field("", max_length=200)

@@ -142,6 +142,7 @@ def test_bad_parameters_get_a_400(client, token, project, params, detail):
     assert response.status_code == 400
     assert response.json()["detail"] == detail
     assert export(client, token, limit=0).status_code == 400
+    assert export(client, token, limit=10**30).status_code == 400  # never a 500 from LIMIT
 
 
 def test_rows_come_from_a_server_side_cursor_a_chunk_at_a_time(client, token, project):

@@ -405,7 +405,19 @@ def test_operators_edit_prices_and_read_metrics_in_the_admin(send, run, db):
     browser.force_login(admin)
     page = browser.get("/admin/runs/modelprice/")
     assert page.status_code == 200 and b"claude-sonnet-4*" in page.content
-    assert browser.get("/admin/runs/modelprice/add/").status_code == 200
+    price = ModelPrice.objects.filter(model="gpt-4o-mini*").get()
+    form = {
+        "model": price.model,
+        "input_per_mtok": "0.2",
+        "output_per_mtok": "0.8",
+        "valid_from_0": "2025-01-01",
+        "valid_from_1": "00:00:00",
+        "note": "new list price",
+    }
+    saved = browser.post(f"/admin/runs/modelprice/{price.pk}/change/", form)
+    assert saved.status_code == 302, saved.content[:2000]
+    price.refresh_from_db()
+    assert (price.input_per_mtok, price.note) == (Decimal("0.2"), "new list price")
     metric = RunMetric.objects.get()
     listing = browser.get("/admin/runs/runmetric/?source__exact=api")
     assert listing.status_code == 200 and b"duration_ms" in listing.content
@@ -414,3 +426,15 @@ def test_operators_edit_prices_and_read_metrics_in_the_admin(send, run, db):
     assert change.status_code == 403
     metric.refresh_from_db()
     assert metric.value == 5432
+
+
+def test_names_and_units_with_copy_special_characters_are_stored_exactly(send, run):
+    name = "tool\\bash\tcall\nline"
+    send(item(name, 1, unit="a\\b", labels={"k": "tab\there\\"}))
+    metric = RunMetric.objects.get()
+    assert (metric.name, metric.unit, metric.labels) == (name, "a\\b", {"k": "tab\there\\"})
+
+
+def test_the_api_schema_documents_the_metrics_endpoints(client):
+    paths = client.get("/api/openapi.json").json()["paths"]
+    assert {"/api/metrics/record", "/api/analytics/metrics", "/api/analytics/export"} <= set(paths)
