@@ -172,12 +172,12 @@ def judge(obj: Any, default_at: datetime) -> Metric:
     if len(name) > MAX_NAME:
         raise MetricError(f"metric_name: longer than {MAX_NAME} characters")
     value = obj.get("metric_value")
-    if type(value) is not int and type(value) is not float:  # the common case, as is
-        value = _value(_first(obj, "metric_value", "value"))
-    elif not math.isfinite(value):
-        raise MetricError("metric_value: must be finite (no NaN or infinity)")
-    else:
+    if type(value) is float or type(value) is int:  # the common case, judged inline
+        if not math.isfinite(value):
+            raise MetricError("metric_value: must be finite (no NaN or infinity)")
         value = float(value)
+    else:
+        value = _value(_first(obj, "metric_value", "value"))
     if name in NON_NEGATIVE and value < 0:
         raise MetricError(f"metric_value: {name} must not be negative")
     if name == "cost_usd" and value >= MAX_COST:
@@ -206,6 +206,8 @@ def judge(obj: Any, default_at: datetime) -> Metric:
         raise MetricError("run_id: must be a string")
     if len(run_id) > MAX_RUN_ID:
         raise MetricError(f"run_id: longer than {MAX_RUN_ID} characters")
+    if "\x00" in run_id:  # not dropped like elsewhere: it would name another run
+        raise MetricError("run_id: must not contain NUL characters")
     return Metric(name, value, _clean(unit), _labels(obj.get("labels")), recorded_at, run_id)
 
 

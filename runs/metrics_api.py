@@ -150,11 +150,19 @@ def aggregate_metrics(request: HttpRequest, q: Query[AggregateQuery]):
     per group with a `group` key. Computed in PostgreSQL; `value` is null when no
     point matches (and for stddev of a single point)."""
     try:
+        _text_params(metricName=q.metricName, slug=q.slug, project=q.project)
         window = analytics.Window.parse(q.since, q.until)
         points = analytics.points(metrics_for(request, q.project), q.metricName, q.slug, window)
         return analytics.aggregate(points, q.metricName, q.aggregation, q.groupBy or None)
     except analytics.QueryError as exc:
         return Status(400, {"detail": str(exc)})
+
+
+def _text_params(**params: str) -> None:
+    # PostgreSQL refuses NUL in text: a parameter holding one matches nothing, say so.
+    for name, value in params.items():
+        if "\x00" in value:
+            raise analytics.QueryError(f"{name}: must not contain NUL characters")
 
 
 class ExportQuery(Schema):
@@ -183,6 +191,7 @@ def export_metrics(request: HttpRequest, q: Query[ExportQuery]):
     if q.order not in ("asc", "desc"):
         return Status(400, {"detail": "order: must be asc or desc"})
     try:
+        _text_params(metricName=q.metricName, slug=q.slug, project=q.project)
         window = analytics.Window.parse(q.since, q.until)
     except analytics.QueryError as exc:
         return Status(400, {"detail": str(exc)})

@@ -121,6 +121,7 @@ def test_it_judges_items_one_by_one_and_keeps_the_good_ones(send, run):
         item(labels={"k": {"nested": 1}}),
         item(unit="u" * 33),
         item(run_id="r" * 129),
+        item(run_id="run-1\u0000"),
         item("tokens_in", -5),
         item(run_id="nobody-knows-me"),
     ]
@@ -148,6 +149,7 @@ def test_it_judges_items_one_by_one_and_keeps_the_good_ones(send, run):
         "labels.k: must be a string, number or boolean",
         "unit: longer than 32",
         "run_id: longer than 128",
+        "run_id: must not contain NUL",
         "metric_value: tokens_in must not be negative",
         "run_id: no such run in this project",
     ]
@@ -426,6 +428,12 @@ def test_operators_edit_prices_and_read_metrics_in_the_admin(send, run, db):
     assert change.status_code == 403
     metric.refresh_from_db()
     assert metric.value == 5432
+
+
+def test_nul_characters_are_dropped_from_names_units_and_labels(send, run):
+    send(item("dura\u0000tion_ms", 1, unit="m\u0000s", labels={"k\u0000": "v\u0000"}))
+    metric = RunMetric.objects.get()
+    assert (metric.name, metric.unit, metric.labels) == ("duration_ms", "ms", {"k": "v"})
 
 
 def test_names_and_units_with_copy_special_characters_are_stored_exactly(send, run):
