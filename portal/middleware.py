@@ -1,4 +1,4 @@
-"""Request ids, request log lines and the Content Security Policy."""
+"""Request ids, request log lines, NUL characters in URLs and the Content Security Policy."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 import time
 
 from django.conf import settings
+from django.http import JsonResponse
 
 from portal.logging import request_id_var
 from runs.ids import uuid7
@@ -62,6 +63,26 @@ class RequestIdMiddleware:
         if is_health_path(path):
             return settings.LOG_HEALTH_REQUESTS
         return settings.LOG_REQUESTS
+
+
+class RefuseNulInUrlMiddleware:
+    """A NUL character in the path or the query string gets a 400 naming it.
+
+    PostgreSQL refuses NUL in text, so a `?q=%00` that reached a filter would raise
+    in the database driver and answer 500. Refusing it here covers every page and
+    endpoint at once, those to come included.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        query = request.META.get("QUERY_STRING", "")
+        if "\x00" in request.path or ("%00" in query or "\x00" in query):
+            return JsonResponse(
+                {"detail": "the URL contains a NUL character (%00): remove it"}, status=400
+            )
+        return self.get_response(request)
 
 
 class ContentSecurityPolicyMiddleware:

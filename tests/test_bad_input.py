@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from runs.models import Event
 from tests.conftest import ndjson, record
 
@@ -75,3 +77,24 @@ def test_random_garbage_never_yields_a_500(post_events):
             response = post_events(body, run_id="r", gzip_it=gz)
             assert response.status_code in (202, 400), (body, response.content)
             assert response.json()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/runs?q=%00",
+        "/api/runs?slug=a%00b",
+        "/api/runs/a%00b",
+        "/api/runs/a%00b/events",
+        "/?q=%00",
+        "/runs/a%00",
+        "/errors?q=%00",
+        "/api/analytics/metrics?metricName=%00",
+    ],
+)
+def test_a_nul_character_in_the_url_is_a_400_not_a_500(operator_client, token, url):
+    # PostgreSQL refuses NUL in text: it must never reach a filter.
+    for headers in ({}, {"HTTP_AUTHORIZATION": f"Bearer {token}"}):
+        response = operator_client.get(url, **headers)
+        assert response.status_code == 400
+        assert "NUL" in response.json()["detail"]
