@@ -135,7 +135,7 @@ def test_a_token_exports_only_its_project_and_an_operator_every_one(
         ({"format": "xlsx"}, "format: must be csv or jsonl"),
         ({"order": "random"}, "order: must be asc or desc"),
         ({"since": "soon"}, "since: not an ISO 8601 timestamp"),
-        ({"project": "\x00"}, "project: must not contain NUL characters"),
+        ({"project": "\x00"}, "the URL contains a NUL character (%00): remove it"),
     ],
 )
 def test_bad_parameters_get_a_400(client, token, project, params, detail):

@@ -66,7 +66,7 @@ def test_log_lines_inside_a_request_carry_its_id(client, project, caplog):
 
 
 @override_settings(LOG_REQUESTS=True)
-def test_with_log_requests_every_request_logs_one_line(client, caplog):
+def test_with_log_requests_every_request_logs_one_line(client, caplog, db):
     with caplog.at_level(logging.INFO, logger="runlens.request"):
         client.get("/login/", HTTP_X_REQUEST_ID="req-logline-1")
         client.get("/health", HTTP_X_REQUEST_ID="req-health-01")
@@ -83,7 +83,7 @@ def test_with_log_requests_every_request_logs_one_line(client, caplog):
 
 
 @override_settings(LOG_HEALTH_REQUESTS=True)
-def test_health_requests_are_logged_only_when_asked(client, caplog):
+def test_health_requests_are_logged_only_when_asked(client, caplog, db):
     with caplog.at_level(logging.INFO, logger="runlens.request"):
         client.get("/login/")
         client.get("/health")

@@ -143,7 +143,7 @@ def test_the_page_shows_the_table_with_a_window_and_a_service_filter(operator_cl
 
 
 def test_the_page_ignores_odd_parameters(operator_client, db):
-    response = operator_client.get("/spans", {"window": "5y", "order": "x", "service": "\x00"})
+    response = operator_client.get("/spans", {"window": "5y", "order": "x", "service": "<nope>"})
     assert response.status_code == 200
     assert "No spans in the last 24h" in response.content.decode()
 
