@@ -686,7 +686,8 @@ class RunMetric(models.Model):
     # Where it came from: "api" (POST /api/metrics/record), "otlp", "event".
     source = models.CharField(max_length=8, default="api")
     # OTLP histogram points: {"bounds": [...], "counts": [...], "sum", "count", "min",
-    # "max"} with delta temporality; `value` then holds the point's sum.
+    # "max"} as sent (label `otel.temporality`: delta or cumulative, see docs/otlp.md);
+    # `value` then holds the point's sum.
     histogram = models.JSONField(null=True, blank=True)
 
     class Meta:
