@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection
 from django.utils import timezone
 
 from runs.models import Run
 from tests.conftest import ndjson, record
+from tests.test_worker import database_url
 
 BASE = Path(__file__).resolve().parent.parent
 
@@ -74,12 +74,8 @@ def test_it_refuses_a_silly_interval(db):
 
 
 def test_ctrl_c_ends_the_live_view_cleanly(db):
-    settings = connection.settings_dict
-    url = (
-        f"postgresql://{settings['USER']}@{settings['HOST'] or '127.0.0.1'}:"
-        f"{settings['PORT'] or 5432}/{settings['NAME']}"
-    )
-    env = {**os.environ, "DATABASE_URL": url, "PYTHONUNBUFFERED": "1"}
+    # database_url() also covers the embedded server, reached through its socket folder.
+    env = {**os.environ, "DATABASE_URL": database_url(), "PYTHONUNBUFFERED": "1"}
     env.pop("TEST_DATABASE_NAME", None)
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "dashboard", "--interval", "0.2"],
@@ -92,7 +88,10 @@ def test_ctrl_c_ends_the_live_view_cleanly(db):
         deadline = time.monotonic() + 30
         seen = b""
         while seen.count(b"\x1b[2J") < 2 and time.monotonic() < deadline:
-            seen += os.read(proc.stdout.fileno(), 65536)
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:  # it exited: say why rather than spin until the deadline
+                pytest.fail(proc.stderr.read().decode(errors="replace")[-2000:])
+            seen += chunk
         assert seen.count(b"\x1b[2J") >= 2, seen  # redrawn, with the screen cleared
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
