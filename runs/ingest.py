@@ -787,7 +787,8 @@ def _link_parents(project: Project, states: dict[str, _RunState]) -> None:
             state.run.parent_id = parent_id
 
 
-def _copy_text(value: str) -> str:
+def copy_text(value: str) -> str:
+    """A text field for PostgreSQL's COPY text format (every COPY writer uses this)."""
     if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
         value = (
             value.replace("\\", "\\\\")
@@ -795,6 +796,8 @@ def _copy_text(value: str) -> str:
             .replace("\n", "\\n")
             .replace("\r", "\\r")
         )
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL
+        value = value.replace("\x00", "")
     return value
 
 
@@ -817,14 +820,12 @@ def copy_rows(records: list[Record]) -> bytes:
     for rec in records:
         text = f"{rec.event}\t{rec.phase}\t{rec.message}"
         if "\\" in text or "\n" in text or "\r" in text or text.count("\t") != 2:
-            text = "\t".join(
-                (_copy_text(rec.event), _copy_text(rec.phase), _copy_text(rec.message))
-            )
+            text = "\t".join((copy_text(rec.event), copy_text(rec.phase), copy_text(rec.message)))
         append(f"{rec.run.id}\t{rec.ts.isoformat()}\t{rec.seq}\t{rec.level}\t{text}\t".encode())
         # JSON escapes control characters itself; COPY needs its backslashes doubled.
         append(dumps(rec.data, default=str).replace(b"\\", b"\\\\"))
         if rec.request_id or rec.trace_id or rec.span_id:
-            ids = (_copy_text(rec.request_id), _copy_text(rec.trace_id), _copy_text(rec.span_id))
+            ids = (copy_text(rec.request_id), copy_text(rec.trace_id), copy_text(rec.span_id))
             append(("\t" + "\t".join(ids) + "\n").encode())
         else:
             append(b"\t\t\t\n")

@@ -25,7 +25,15 @@ from typing import Any
 import orjson
 from django.db import connection
 
-from runs.ingest import _SECRET_KEY, _SECRET_VALUE, REDACTED, LineError, _parse_ts, _redact_match
+from runs.ingest import (
+    _SECRET_KEY,
+    _SECRET_VALUE,
+    REDACTED,
+    LineError,
+    _parse_ts,
+    _redact_match,
+    copy_text,
+)
 from runs.models import ModelPrice, PriceBook, Project, Run
 
 # name -> unit. `tokens_used` is GitTinkerer's total (input and output together).
@@ -335,17 +343,6 @@ COPY_METRICS = (
 )
 
 
-def _copy_text(value: str) -> str:
-    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
-        value = (
-            value.replace("\\", "\\\\")
-            .replace("\t", "\\t")
-            .replace("\n", "\\n")
-            .replace("\r", "\\r")
-        )
-    return value
-
-
 def copy_rows(project_id: int, metrics: list[Metric], source: str = "api") -> bytes:
     """The points as PostgreSQL COPY text, built in one buffer."""
     lines = []
@@ -353,7 +350,7 @@ def copy_rows(project_id: int, metrics: list[Metric], source: str = "api") -> by
         run = "\\N" if m.run_pk is None else m.run_pk
         labels = orjson.dumps(m.labels).decode().replace("\\", "\\\\")
         lines.append(
-            f"{project_id}\t{run}\t{_copy_text(m.name)}\t{m.value!r}\t{_copy_text(m.unit)}"
+            f"{project_id}\t{run}\t{copy_text(m.name)}\t{m.value!r}\t{copy_text(m.unit)}"
             f"\t{labels}\t{m.recorded_at.isoformat()}\t{source}\n"
         )
     return "".join(lines).encode()

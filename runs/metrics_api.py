@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.utils.text import slugify
@@ -99,24 +98,17 @@ def record_metrics(request: HttpRequest):
     summary = {"accepted": accepted, "rejected": rejected, "errors": errors}
     if not accepted:
         return Status(400, {**summary, "batch": None})
-    try:
-        with transaction.atomic():
-            batch = IngestBatch.objects.create(
-                project=project,
-                kind=IngestBatch.Kind.METRICS,
-                received_at=received_at,  # the time of items that carry none
-                body=spool_body(body, encoding, raw),
-                params={"unknown_runs": unknown} if unknown else {},
-                idempotency_key=key,
-                request_id=getattr(request, "request_id", ""),
-                summary=summary,
-            )
-            batch.enqueue()
-    except IntegrityError:
-        # The same Idempotency-Key raced us; the other request's batch stands.
-        batch = IngestBatch.objects.get(project=project, idempotency_key=key)
-        return Status(202, {**batch.summary, "batch": batch.id})
-    return Status(202, {**summary, "batch": batch.id})
+    batch = IngestBatch.spool(
+        project,
+        spool_body(body, encoding, raw),
+        kind=IngestBatch.Kind.METRICS,
+        received_at=received_at,  # the time of items that carry none
+        params={"unknown_runs": unknown} if unknown else {},
+        idempotency_key=key,
+        request_id=getattr(request, "request_id", ""),
+        summary=summary,
+    )
+    return Status(202, {**batch.summary, "batch": batch.id})
 
 
 def metrics_for(request: HttpRequest, project: str = ""):

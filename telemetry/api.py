@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
 from django.http import HttpRequest, JsonResponse
 from ninja import Router, Schema, Status
 
@@ -111,19 +110,12 @@ def ingest_events(request: HttpRequest, run_id: str = ""):
     summary = {"accepted": accepted, "rejected": rejected, "errors": errors}
     if not accepted:
         return Status(400, {**summary, "batch": None})
-    try:
-        with transaction.atomic():
-            batch = IngestBatch.objects.create(
-                project=project,
-                body=spool_body(body, encoding, raw),
-                params={"run_id": run_id} if run_id else {},
-                idempotency_key=key,
-                request_id=getattr(request, "request_id", ""),
-                summary=summary,
-            )
-            batch.enqueue()
-    except IntegrityError:
-        # The same Idempotency-Key raced us; the other request's batch stands.
-        batch = IngestBatch.objects.get(project=project, idempotency_key=key)
-        return Status(202, {**batch.summary, "batch": batch.id})
-    return Status(202, {**summary, "batch": batch.id})
+    batch = IngestBatch.spool(
+        project,
+        spool_body(body, encoding, raw),
+        params={"run_id": run_id} if run_id else {},
+        idempotency_key=key,
+        request_id=getattr(request, "request_id", ""),
+        summary=summary,
+    )
+    return Status(202, {**batch.summary, "batch": batch.id})

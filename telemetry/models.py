@@ -5,7 +5,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.postgres.indexes import BrinIndex
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models import Q
 from django.db.models.functions import TruncHour
 from django.utils import timezone
@@ -85,6 +85,46 @@ class IngestBatch(models.Model):
 
     def __str__(self) -> str:
         return f"batch {self.id} ({self.kind}, {self.state})"
+
+    @classmethod
+    def spool(
+        cls,
+        project: Project,
+        body: bytes,
+        *,
+        kind: str = Kind.EVENTS,
+        params: dict | None = None,
+        idempotency_key: str | None = None,
+        request_id: str = "",
+        summary: dict | None = None,
+        received_at: datetime | None = None,
+    ) -> IngestBatch:
+        """Store an accepted request durably and hand it to a worker once committed.
+
+        Every ingest endpoint answers only after this returns. With an Idempotency-Key,
+        a retry racing the first request may have stored the key a moment earlier: that
+        request's batch is returned and nothing is stored twice.
+        """
+        fields = {
+            "project": project,
+            "kind": kind,
+            "body": body,
+            "params": params or {},
+            "idempotency_key": idempotency_key,
+            "request_id": request_id,
+            "summary": summary or {},
+        }
+        if received_at is not None:
+            fields["received_at"] = received_at
+        try:
+            with transaction.atomic():
+                batch = cls.objects.create(**fields)
+                batch.enqueue()
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            return cls.objects.get(project=project, idempotency_key=idempotency_key)
+        return batch
 
     def enqueue(self) -> None:
         """Hand the batch to a worker once it is committed.

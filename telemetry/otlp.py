@@ -45,7 +45,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.logs.v1.logs_pb2 import SeverityNumber
 
-from runs.ingest import LEVELS, Record, scrub, store_records
+from runs.ingest import LEVELS, Record, copy_text, scrub, store_records
 from runs.models import Run
 
 LOGS, METRICS, TRACES = "logs", "metrics", "traces"
@@ -1024,17 +1024,6 @@ def _merge_run_attributes(context: dict[int, dict]) -> None:
         )
 
 
-def _copy_text(value: str) -> str:
-    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
-        value = (
-            value.replace("\\", "\\\\")
-            .replace("\t", "\\t")
-            .replace("\n", "\\n")
-            .replace("\r", "\\r")
-        )
-    return value.replace("\x00", "")
-
-
 def _copy_json(value: Any) -> bytes:
     # JSON escapes control characters itself; COPY needs its backslashes doubled.
     return orjson.dumps(value, default=str).replace(b"\\", b"\\\\")
@@ -1226,14 +1215,14 @@ def store_traces_batch(batch, body: bytes) -> int:
                 item.trace_id,
                 item.span_id,
                 item.parent_span_id,
-                _copy_text(item.name[:200]),
+                copy_text(item.name[:200]),
                 str(item.kind),
-                _copy_text(scope.derived()["service"]),
+                copy_text(scope.derived()["service"]),
                 start.isoformat(),
                 end.isoformat(),
                 repr((item.end_ns - item.start_ns) / 1e6),
                 str(item.status_code),
-                _copy_text(status_message),
+                copy_text(status_message),
                 "",
             )
         )
@@ -1332,9 +1321,9 @@ def store_metrics_batch(batch, body: bytes) -> int:
             (
                 str(project.pk),
                 str(run_pks[run_id]) if run_id else "\\N",
-                _copy_text(item.name[:200]),
+                copy_text(item.name[:200]),
                 repr(item.value),
-                _copy_text(item.unit[:32]),
+                copy_text(item.unit[:32]),
                 "",
             )
         ).encode()

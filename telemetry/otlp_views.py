@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import orjson
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from google.rpc.status_pb2 import Status
@@ -110,20 +110,14 @@ def _export(request: HttpRequest, signal: str) -> HttpResponse:
 
     if accepted:
         try:
-            with transaction.atomic():
-                batch = IngestBatch.objects.create(
-                    project=project,
-                    kind=otlp.BATCH_KIND[signal],
-                    body=spool_body(body, encoding, raw),
-                    params={"encoding": "json" if json else "protobuf"},
-                    request_id=getattr(request, "request_id", ""),
-                    summary={
-                        "accepted": accepted,
-                        "rejected": decoded.rejected,
-                        "error": error[:1000],
-                    },
-                )
-                batch.enqueue()
+            IngestBatch.spool(
+                project,
+                spool_body(body, encoding, raw),
+                kind=otlp.BATCH_KIND[signal],
+                params={"encoding": "json" if json else "protobuf"},
+                request_id=getattr(request, "request_id", ""),
+                summary={"accepted": accepted, "rejected": decoded.rejected, "error": error[:1000]},
+            )
         except DatabaseError:
             return _unavailable(json)
     return HttpResponse(answer, status=200, content_type=JSON if json else PROTOBUF)
