@@ -29,13 +29,14 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(ROOT))  # the portal's packages; bench/ itself is sys.path[0]
+
+from ingest import configured_url, with_database  # noqa: E402  (bench/ingest.py)
 
 BENCH_DB = "runlens_bench_reads"
 SMALL_DB = BENCH_DB + "_small"
@@ -45,21 +46,6 @@ CONCURRENT = 16  # runs whose events interleave on disk, as parallel agents' do
 
 
 # --- Database ----------------------------------------------------------------
-
-
-def configured_url() -> str:
-    """The server the portal would use: DATABASE_URL, else the embedded PostgreSQL."""
-    url = os.environ.get("DATABASE_URL", "")
-    if url:
-        return url
-    from portal.embedded import embedded_database_url
-
-    var_dir = Path(os.environ.get("RUNLENS_VAR_DIR", ROOT / "var"))
-    return embedded_database_url(var_dir / "pgdata")
-
-
-def with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + name))
 
 
 def create_database(server_url: str, name: str) -> str:
