@@ -17,6 +17,21 @@ class ProjectTokenInline(admin.TabularInline):
         return False
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """For what agents sent: browsed and searched in the admin, never edited there."""
+
+    show_full_result_count = False  # no COUNT(*) of a big table on every page
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
     list_display = ("name", "slug", "retention_runs_per_slug", "retention_max_age_days", "created")
@@ -107,7 +122,7 @@ class RunAdmin(admin.ModelAdmin):
 
 
 @admin.register(Event)
-class EventAdmin(admin.ModelAdmin):
+class EventAdmin(ReadOnlyAdmin):
     """Read-only: events are the record of what an agent did."""
 
     list_display = ("id", "run", "seq", "ts", "level", "event", "phase")
@@ -117,16 +132,6 @@ class EventAdmin(admin.ModelAdmin):
     list_select_related = ("run",)
     raw_id_fields = ("run",)
     ordering = ("-id",)
-    show_full_result_count = False  # COUNT(*) of the biggest table on every page
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(ModelPrice)
@@ -140,7 +145,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
 
 
 @admin.register(RunMetric)
-class RunMetricAdmin(admin.ModelAdmin):
+class RunMetricAdmin(ReadOnlyAdmin):
     """Read-only: metrics are what agents reported."""
 
     list_display = ("id", "name", "value", "unit", "run", "project", "recorded_at", "source")
@@ -151,13 +156,3 @@ class RunMetricAdmin(admin.ModelAdmin):
     list_select_related = ("run", "project")
     raw_id_fields = ("run",)
     ordering = ("-id",)
-    show_full_result_count = False
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False

@@ -1,6 +1,7 @@
 from django.contrib import admin
 
-from telemetry.models import ErrorGroup, ErrorReport, IngestBatch, ProjectLimits
+from runs.admin import ReadOnlyAdmin
+from telemetry.models import ErrorGroup, ErrorReport, IngestBatch, ProjectLimits, Span
 
 
 @admin.register(IngestBatch)
@@ -70,7 +71,7 @@ class ErrorGroupAdmin(admin.ModelAdmin):
 
 
 @admin.register(ErrorReport)
-class ErrorReportAdmin(admin.ModelAdmin):
+class ErrorReportAdmin(ReadOnlyAdmin):
     """Read-only: a report is evidence, triage happens on its group."""
 
     list_display = ("id", "group", "source", "level", "received_at", "request_id")
@@ -78,18 +79,27 @@ class ErrorReportAdmin(admin.ModelAdmin):
     search_fields = ("request_id", "message")
     list_select_related = ("group",)
     raw_id_fields = ("group", "run")
-    show_full_result_count = False  # COUNT(*) of a big table on every page
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(ProjectLimits)
 class ProjectLimitsAdmin(admin.ModelAdmin):
     list_display = ("project", "ingest_per_minute")
+
+
+@admin.register(Span)
+class SpanAdmin(ReadOnlyAdmin):
+    list_display = (
+        "name",
+        "service",
+        "trace_id",
+        "span_id",
+        "status_code",
+        "duration_ms",
+        "start_time",
+    )
+    list_filter = ("status_code", "kind", "project")
+    search_fields = ("=trace_id", "^name")
+    search_help_text = "An exact trace id, or the start of a span name"
+    list_select_related = ("project",)
+    raw_id_fields = ("run",)
+    ordering = ("-id",)

@@ -185,3 +185,25 @@ def test_reenqueue_leaves_done_batches_alone(
     assert "0 batch(es) enqueued; 1 already done, left alone." in page.content.decode()
     assert callbacks == []
     assert Event.objects.count() == 1
+
+
+def test_spans_are_listed_read_only_and_found_by_trace_id(admin_client, project):
+    from datetime import UTC, datetime
+
+    from telemetry.models import Span
+
+    at = datetime(2026, 4, 21, 5, 12, tzinfo=UTC)
+    span = Span.objects.create(
+        project=project,
+        trace_id="ab" * 16,
+        span_id="cd" * 8,
+        name="<script>bd.call</script>",
+        start_time=at,
+        end_time=at,
+        duration_ms=0,
+    )
+    listing = admin_client.get(f"/admin/telemetry/span/?q={'ab' * 16}").content.decode()
+    assert "&lt;script&gt;bd.call&lt;/script&gt;" in listing and "<script>bd.call" not in listing
+    assert admin_client.get("/admin/telemetry/span/add/").status_code == 403
+    page = admin_client.get(f"/admin/telemetry/span/{span.pk}/change/")
+    assert page.status_code == 200 and b'name="_save"' not in page.content
