@@ -7,23 +7,13 @@ may see (see runs.metrics_api.metrics_for), so scoping lives in one place.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
-from django.db.models import (
-    Aggregate,
-    Avg,
-    Count,
-    F,
-    FloatField,
-    Max,
-    Min,
-    QuerySet,
-    StdDev,
-    Sum,
-)
+from django.db import connection
+from django.db.models import F, Q, QuerySet
 from django.db.models.fields.json import KT
 from django.db.models.functions import TruncDate
 
@@ -76,31 +66,38 @@ def points(metrics: QuerySet, name: str = "", slug: str = "", window: Window = W
 
 
 # --- Aggregates -----------------------------------------------------------------
+#
+# Not every stored point is an independent value (docs/metrics.md, "What a point
+# counts for"):
+#
+# * an OTLP point labelled `otel.temporality: cumulative` is a running total since its
+#   series started, so only the newest point of each series in the selection counts
+#   (a series: project, run, name and labels; the labels carry the temporality);
+# * an OTLP histogram point summarises many observations: a group whose points are
+#   histograms is answered from their merged buckets, sums and counts.
+#
+# Both rules are applied in PostgreSQL: the points that count are the non-cumulative
+# ones plus, from DISTINCT ON, the newest cumulative point of each series; one query
+# aggregates them, merging bucket counts per bounds set when a percentile is asked.
+# Python only interpolates inside the few merged buckets.
 
+_CUMULATIVE = Q(source="otlp", labels__contains={"otel.temporality": "cumulative"})
+_SERIES = ("project_id", "run_id", "name", "labels")
 
-class Percentile(Aggregate):
-    """PostgreSQL's continuous percentile: interpolates between the two nearest points."""
-
-    function = "percentile_cont"
-    template = "%(function)s(%(fraction)s) WITHIN GROUP (ORDER BY %(expressions)s)"
-    output_field = FloatField()
-
-    def __init__(self, expression, fraction: float, **extra):
-        # A constant from AGGREGATIONS below, never request text.
-        super().__init__(expression, fraction=float(fraction), **extra)
-
-
-AGGREGATIONS: dict[str, Callable[[], Aggregate]] = {
-    "sum": lambda: Sum("value"),
-    "avg": lambda: Avg("value"),
-    "min": lambda: Min("value"),
-    "max": lambda: Max("value"),
-    "count": lambda: Count("id"),
-    "stddev": lambda: StdDev("value", sample=True),
-    "p50": lambda: Percentile("value", 0.5),
-    "p95": lambda: Percentile("value", 0.95),
-    "p99": lambda: Percentile("value", 0.99),
+# SQL over the column `value` of the points that count (constants, never request text).
+AGGREGATIONS: dict[str, str] = {
+    "sum": "sum(value)",
+    "avg": "avg(value)",
+    "min": "min(value)",
+    "max": "max(value)",
+    "count": "count(*)",
+    "stddev": "stddev_samp(value)",
+    # Continuous percentile: interpolates between the two nearest points.
+    "p50": "percentile_cont(0.5) WITHIN GROUP (ORDER BY value)",
+    "p95": "percentile_cont(0.95) WITHIN GROUP (ORDER BY value)",
+    "p99": "percentile_cont(0.99) WITHIN GROUP (ORDER BY value)",
 }
+QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
 
 GROUPS = {
     "slug": lambda: F("run__slug"),
@@ -108,43 +105,191 @@ GROUPS = {
     "model": lambda: KT("labels__model"),
 }
 
+_PLAIN = "FILTER (WHERE histogram IS NULL)"
+_STATS = f"""
+    {{agg}} {_PLAIN} AS value, count(*) {_PLAIN} AS n, min(value) {_PLAIN} AS lo,
+    max(value) {_PLAIN} AS hi,
+    count(histogram) AS h_points,
+    sum((histogram->>'count')::float8) AS h_count,
+    sum((histogram->>'sum')::float8) AS h_sum, count(histogram->>'sum') AS h_sums,
+    min((histogram->>'min')::float8) AS h_min, count(histogram->>'min') AS h_mins,
+    max((histogram->>'max')::float8) AS h_max, count(histogram->>'max') AS h_maxes
+"""
+# Bucket counts summed per bucket index, per group and distinct bounds array; then one
+# [bounds, counts, points] triple per bounds array, gathered per group.
+_SETS = """
+sets AS (
+    SELECT {grp} bounds, jsonb_agg(n ORDER BY ord) AS counts, max(points) AS points
+    FROM (
+        SELECT {grp} histogram->'bounds' AS bounds, c.ord, sum(c.n::float8) AS n,
+               count(*) AS points
+        FROM eff CROSS JOIN LATERAL
+             jsonb_array_elements_text(histogram->'counts') WITH ORDINALITY AS c(n, ord)
+        WHERE histogram IS NOT NULL
+        GROUP BY {grp} bounds, c.ord
+    ) buckets
+    GROUP BY {grp} bounds
+)"""
+_SET_TRIPLES = "jsonb_agg(jsonb_build_array(bounds, counts, points))"
+
+
+def _counting_points(points: QuerySet, group_by: str | None) -> tuple[str, list]:
+    """SQL (and parameters) of the points that count, as rows (value, histogram[, grp])."""
+    columns = ["value", "histogram"]
+    if group_by:
+        points = points.annotate(grp=GROUPS[group_by]())
+        columns.append("grp")
+    plain = points.exclude(_CUMULATIVE).order_by().values(*columns)
+    latest = (
+        points.filter(_CUMULATIVE)
+        .order_by(*_SERIES, "-recorded_at", "-id")
+        .distinct(*_SERIES)
+        .values(*columns)
+    )
+    plain_sql, plain_params = plain.query.sql_with_params()
+    latest_sql, latest_params = latest.query.sql_with_params()
+    cols = ", ".join(columns)
+    sql = (
+        f"SELECT {cols} FROM ({plain_sql}) plain_points "
+        f"UNION ALL SELECT {cols} FROM ({latest_sql}) latest_points"
+    )
+    return sql, [*plain_params, *latest_params]
+
 
 def aggregate(points: QuerySet, metric: str, aggregation: str, group_by: str | None = None):
     """One aggregate of the points, or one per group (at most MAX_GROUPS, in group order).
 
     `value` is the aggregation; `count`, `min` and `max` come with it, all from one
     query. `value` is null when nothing matches, and for stddev of a single point
-    (the sample standard deviation needs two).
+    (the sample standard deviation needs two). Cumulative OTLP points count by the
+    newest of each series; a group of histogram points is answered from their
+    buckets and carries a `histogram` object (see docs/metrics.md).
     """
     if aggregation not in AGGREGATIONS:
         raise QueryError(f"aggregation: must be one of {', '.join(AGGREGATIONS)}")
     if group_by is not None and group_by not in GROUPS:
         raise QueryError(f"groupBy: must be one of {', '.join(GROUPS)}")
-    stats = {
-        "agg_value": AGGREGATIONS[aggregation](),
-        "agg_count": Count("id"),
-        "agg_min": Min("value"),
-        "agg_max": Max("value"),
-    }
-    head = {"metric": metric, "aggregation": aggregation}
+    eff_sql, params = _counting_points(points, group_by)
+    stats = _STATS.format(agg=AGGREGATIONS[aggregation])
+    wants_buckets = aggregation in QUANTILES
+    # Inlined, not materialised: a metric of plain points is read once (twice for a
+    # percentile, the second read only looking for histogram points).
+    head = f"WITH eff AS NOT MATERIALIZED ({eff_sql})"
     if group_by is None:
-        return {**head, **_stats(points.aggregate(**stats))}
-    rows = (
-        points.annotate(group=GROUPS[group_by]())
-        .values("group")
-        .annotate(**stats)
-        .order_by(F("group").asc(nulls_last=True))[:MAX_GROUPS]
-    )
-    return [{"group": _group(row["group"]), **head, **_stats(row)} for row in rows]
+        sets = f"(SELECT {_SET_TRIPLES} FROM sets)" if wants_buckets else "NULL"
+        with_sets = f", {_SETS.format(grp='')}" if wants_buckets else ""
+        sql = f"{head}{with_sets} SELECT {stats}, {sets} AS sets FROM eff"
+    else:
+        sql = f"""{head},
+            stats AS (
+                SELECT grp, {stats} FROM eff GROUP BY grp
+                ORDER BY grp ASC NULLS LAST LIMIT {MAX_GROUPS}
+            )"""
+        if wants_buckets:
+            sql += f""", {_SETS.format(grp="grp,")},
+                group_sets AS (SELECT grp, {_SET_TRIPLES} AS sets FROM sets GROUP BY grp)
+            SELECT stats.*, group_sets.sets FROM stats
+            LEFT JOIN group_sets ON group_sets.grp IS NOT DISTINCT FROM stats.grp"""
+        else:
+            sql += " SELECT stats.*, NULL AS sets FROM stats"
+        sql += " ORDER BY stats.grp ASC NULLS LAST"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        names = [column.name for column in cursor.description]
+        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    answer = {"metric": metric, "aggregation": aggregation}
+    if group_by is None:
+        return {**answer, **_stats(rows[0], aggregation)}
+    return [{"group": _group(row["grp"]), **answer, **_stats(row, aggregation)} for row in rows]
 
 
-def _stats(row: dict) -> dict:
-    return {
-        "value": row["agg_value"],
-        "count": row["agg_count"],
-        "min": row["agg_min"],
-        "max": row["agg_max"],
-    }
+def _stats(row: dict, aggregation: str) -> dict:
+    if not row["h_points"]:
+        return {"value": row["value"], "count": row["n"], "min": row["lo"], "max": row["hi"]}
+    return _histogram_stats(row, aggregation)
+
+
+def _histogram_stats(row: dict, aggregation: str) -> dict:
+    """A group with histogram points: answered from them alone (plain points of the
+    same group are left out and counted in `plain_points_ignored`)."""
+    points = row["h_points"]
+    count = int(row["h_count"] or 0)
+    # A sum, min or max is known when every point carried one (OTLP makes them optional).
+    total = row["h_sum"] if row["h_sums"] == points else None
+    low = row["h_min"] if row["h_mins"] == points else None
+    high = row["h_max"] if row["h_maxes"] == points else None
+    detail = {"points": points, "plain_points_ignored": row["n"], "other_bounds_points": 0}
+    if aggregation in QUANTILES:
+        # Django's connection hands jsonb back as text (JSONField decodes its own).
+        sets = row["sets"]
+        bounds, counts, used = _majority(orjson.loads(sets) if isinstance(sets, str) else [])
+        detail["bounds"] = bounds
+        detail["other_bounds_points"] = points - used
+        value = bucket_quantile(QUANTILES[aggregation], bounds, counts, low, high)
+    else:
+        value = {
+            "sum": total,
+            "avg": total / count if total is not None and count else None,
+            "min": low,
+            "max": high,
+            "count": count,
+            "stddev": None,  # OTLP histograms carry no sum of squares
+        }[aggregation]
+    return {"value": value, "count": count, "min": low, "max": high, "histogram": detail}
+
+
+def _majority(sets: list) -> tuple[list[float], list[float], int]:
+    """The bounds array holding the most observations (then the most points, then the
+    most buckets), with its merged counts and how many points it merges."""
+    if not sets:
+        return [], [], 0
+    bounds, counts, used = max(sets, key=lambda s: (sum(s[1]), s[2], len(s[0]), str(s[0])))
+    return [float(b) for b in bounds], [float(n) for n in counts], int(used)
+
+
+def bucket_quantile(
+    q: float,
+    bounds: list[float],
+    counts: list[float],
+    low: float | None = None,
+    high: float | None = None,
+) -> float | None:
+    """The q-quantile of explicit-bucket counts, as Prometheus' `histogram_quantile`.
+
+    Bucket i holds observations in (bounds[i-1], bounds[i]], the last one those above
+    the last bound. The rank q × total falls in the first bucket whose cumulative
+    count reaches it, and the answer is interpolated linearly inside that bucket. The
+    first bucket starts at 0 (at its bound when that is not positive), the last one
+    answers its lower bound; when the observed minimum (`low`) or maximum (`high`) is
+    known, bucket edges are tightened to them, so the first bucket starts at the
+    minimum and the last one ends at the maximum.
+    """
+    total = sum(counts)
+    if not counts or total <= 0 or len(counts) != len(bounds) + 1:
+        return None
+    rank = q * total
+    below = 0.0
+    i = 0
+    for i, n in enumerate(counts):  # noqa: B007 (the bucket found is used below)
+        if below + n >= rank and n > 0:
+            break
+        below += n
+    n = counts[i]
+    if i == 0:
+        lower = low if low is not None else (0.0 if bounds and bounds[0] > 0 else None)
+    else:
+        lower = bounds[i - 1]
+    upper = bounds[i] if i < len(bounds) else high
+    if lower is None:  # a first bucket ending at or below 0, min unknown
+        return bounds[0] if bounds else None
+    if upper is None:  # the +Inf bucket, max unknown
+        return lower
+    if low is not None:
+        lower = max(lower, low)
+    if high is not None:
+        upper = min(upper, high)
+    upper = max(upper, lower)
+    return lower + (upper - lower) * (rank - below) / n
 
 
 def _group(value):
