@@ -8,7 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
 
 from runs import analytics
 from runs.models import Run, RunMetric
@@ -381,3 +385,47 @@ def test_a_histogram_percentile_per_group_is_one_query(project, runs, django_ass
     assert [row["group"] for row in rows] == ["acme__api", "acme__web"]
     with django_assert_num_queries(1):
         analytics.aggregate(points, "gastown.bd.duration_ms", "p95")
+
+
+# --- The OpenTelemetry SDK ----------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_answers_a_p95_of_an_sdk_histogram_from_its_newest_export(live_server, token):
+    exporter = OTLPMetricExporter(
+        endpoint=f"{live_server.url}/v1/metrics",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
+    provider = MeterProvider(
+        resource=Resource.create({"service.name": "gastown"}), metric_readers=[reader]
+    )
+    duration = provider.get_meter("gastown").create_histogram("gastown.bd.duration_ms", unit="ms")
+    for ms in (2, 4, 6, 8, 12):
+        duration.record(ms, {"subcommand": "show"})
+    provider.force_flush()  # a first cumulative export: 5 observations
+    for ms in (14, 16, 18, 20, 30):
+        duration.record(ms, {"subcommand": "show"})
+    provider.shutdown()  # the second repeats them and adds 5 more
+
+    stored = RunMetric.objects.filter(name="gastown.bd.duration_ms").order_by("recorded_at")
+    assert [p.histogram["count"] for p in stored] == [5, 10]
+    assert stored[0].labels["otel.temporality"] == "cumulative"
+    # The SDK's default bounds 0, 5, 10, 25, 50, …: the newest export holds (0,5] 2,
+    # (5,10] 2, (10,25] 5, (25,50] 1. Rank 0.95 × 10 = 9.5 falls in (25,50] after 9,
+    # whose upper edge is the max, 30: 25 + (30 - 25) × 0.5 / 1 = 27.5.
+    response = analytics.aggregate(
+        analytics.points(RunMetric.objects.all(), "gastown.bd.duration_ms"),
+        "gastown.bd.duration_ms",
+        "p95",
+    )
+    assert response["value"] == pytest.approx(27.5)
+    assert (response["count"], response["min"], response["max"]) == (10, 2, 30)
+    # p50: rank 5 in (10,25] after 4: 10 + 15 × 1 / 5.
+    p50 = analytics.aggregate(
+        analytics.points(RunMetric.objects.all(), "gastown.bd.duration_ms"),
+        "gastown.bd.duration_ms",
+        "p50",
+    )
+    assert p50["value"] == pytest.approx(13.0)
