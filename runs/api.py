@@ -12,6 +12,7 @@ from ninja import Field, Query, Router, Schema, Status
 from ninja.errors import HttpError
 
 from portal.api import project_auth, read_auth
+from runs import work_context
 from runs.ingest import IngestError, read_body
 from runs.models import (
     Artifact,
@@ -107,6 +108,11 @@ class RunFilters(Schema):
     since: datetime | None = None
     until: datetime | None = None
     q: str = Field("", max_length=200, description="search in run id and slug")
+    rig: str = Field("", max_length=200, description="work context: attributes.work_rig")
+    bead: str = Field("", max_length=200, description="work context: attributes.work_bead")
+    mol: str = Field("", max_length=200, description="work context: attributes.work_mol")
+    role: str = Field("", max_length=200, description="work context: attributes['gt.role']")
+    agent: str = Field("", max_length=200, description="work context: attributes['gt.agent']")
     cursor: int | None = Field(None, description="next_cursor of the previous page")
     limit: int = Field(50, ge=1, le=1000)
 
@@ -128,6 +134,8 @@ def list_runs(request: HttpRequest, filters: Query[RunFilters]):
         runs = runs.filter(started_at__lt=filters.until)
     if filters.q:
         runs = runs.filter(run_id__icontains=filters.q) | runs.filter(slug__icontains=filters.q)
+    # Exact values, `attributes @> {...}`: answered by the GIN index run_attributes_gin.
+    runs = work_context.filter_by(runs, "attributes", work_context.wanted(filters.model_dump()))
     if filters.cursor:
         runs = runs.filter(id__lt=filters.cursor)
     page = list(runs.order_by("-id")[: filters.limit + 1])
@@ -150,6 +158,12 @@ class EventFilters(Schema):
     after: int = Field(0, ge=0, description="only events with seq greater than this")
     limit: int | None = Field(None, ge=1, le=10000, description="page size (json: default 500)")
     format: str = Field("json", pattern="^(json|jsonl)$")
+    # Work context carried in the event's data (OTLP logs, `run.begin`), exact values.
+    rig: str = Field("", max_length=200, description="data.work_rig")
+    bead: str = Field("", max_length=200, description="data.work_bead")
+    mol: str = Field("", max_length=200, description="data.work_mol")
+    role: str = Field("", max_length=200, description="data['gt.role']")
+    agent: str = Field("", max_length=200, description="data['gt.agent']")
 
 
 def _events(run: Run, f: EventFilters):
@@ -158,6 +172,7 @@ def _events(run: Run, f: EventFilters):
         events = events.filter(event__startswith=f.filter)
     if f.level:
         events = events.filter(level__in=LEVEL_ORDER[LEVEL_ORDER.index(f.level) :])
+    events = work_context.filter_by(events, "data", work_context.wanted(f.model_dump()))
     return events.order_by("seq")
 
 

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.contrib.postgres.indexes import BrinIndex
+from django.contrib.postgres.indexes import BrinIndex, GinIndex
 from django.db import models
 from django.db.models import Case, Count, F, Func, Q, Value, When
 from django.db.models.functions import Concat, Greatest
@@ -93,18 +93,28 @@ class ProjectToken(models.Model):
         return f"{self.prefix}… ({self.project})"
 
 
+# Runs the OTLP receiver opens for items that name no run (telemetry/otlp.py, docs/otlp.md):
+# one per trace (`trace-<32 hex>`) or per service and UTC day (`<service>@YYYY-MM-DD`).
+# No process stands behind them, so nothing ever exits them cleanly: silence is not death.
+SYNTHETIC_RUN_IDS = Q(run_id__regex=r"^trace-[0-9a-f]{32}$") | Q(
+    run_id__regex=r"^[^/]{1,100}@[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+)
+
+
 class RunQuerySet(models.QuerySet):
     def orphan_candidates(self, now: datetime | None = None) -> RunQuerySet:
         """Running, not cleanly exited, non-terminal phase, silent for too long.
 
         Silence is measured on the newest of the heartbeat and the last event:
         a run that streams events is alive even when its client sends no heartbeat.
+        Synthetic OTLP runs (SYNTHETIC_RUN_IDS) are never candidates.
         """
         now = now or timezone.now()
         cutoff = now - timedelta(seconds=settings.ORPHAN_AFTER_SECONDS)
         return (
             self.filter(status=Run.Status.RUNNING, exit_clean=False)
             .exclude(phase__in=TERMINAL_PHASES)
+            .exclude(SYNTHETIC_RUN_IDS)
             .alias(alive_at=Greatest("last_heartbeat", "last_event_at", "started_at"))
             .filter(Q(alive_at__lt=cutoff) | Q(alive_at__isnull=True, created__lt=cutoff))
         )
@@ -132,6 +142,8 @@ class RunQuerySet(models.QuerySet):
             self.filter(status=Run.Status.RUNNING, exit_clean=False, host__in=hosts)
             .filter(pid__gt=0)
             .exclude(phase__in=TERMINAL_PHASES)
+            # A day run's pid is that of whichever process logged last: not the run's life.
+            .exclude(SYNTHETIC_RUN_IDS)
         )
         return [pk for pk, pid in live.values_list("pk", "pid") if not pid_alive(pid)]
 
@@ -205,6 +217,10 @@ class Run(models.Model):
                 fields=["status"],
                 name="run_active",
                 condition=Q(status__in=["running", "orphaned"]),
+            ),
+            # Work-context filters: `attributes @> {"work_rig": "…"}` (runs/work_context.py).
+            GinIndex(
+                fields=["attributes"], name="run_attributes_gin", opclasses=["jsonb_path_ops"]
             ),
         ]
 

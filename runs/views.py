@@ -20,7 +20,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import content_disposition_header
 from django.utils.text import slugify
 
-from runs import charts, insights
+from runs import charts, insights, work_context
 from runs.models import LEVELS, Artifact, Event, Project, Run, diff_texts
 from telemetry.traces import run_traces
 
@@ -68,6 +68,12 @@ class RunFilterForm(forms.Form):
     since = forms.DateTimeField(required=False, label="Started after (UTC)")
     until = forms.DateTimeField(required=False, label="Started before (UTC)")
     q = forms.CharField(required=False, max_length=200, label="Search")
+    # Work context (runs/work_context.py): exact values of Run.attributes keys.
+    rig = forms.CharField(required=False, max_length=200, help_text="work_rig")
+    bead = forms.CharField(required=False, max_length=200, help_text="work_bead")
+    mol = forms.CharField(required=False, max_length=200, label="Molecule", help_text="work_mol")
+    role = forms.CharField(required=False, max_length=200, help_text="gt.role")
+    agent = forms.CharField(required=False, max_length=200, help_text="gt.agent")
 
     def __init__(self, data, projects: list[tuple[str, str]]):
         super().__init__(data)
@@ -100,7 +106,7 @@ class RunFilterForm(forms.Form):
                 | Q(kind__icontains=q)
                 | Q(host__icontains=q)
             )
-        return runs
+        return work_context.filter_by(runs, "attributes", work_context.wanted(data))
 
 
 def slug_suggestions() -> list[str]:
@@ -166,17 +172,43 @@ def run_for(request: HttpRequest, run_id: str) -> tuple[Run, list[Run]]:
     return run, [r for r in found if r.pk != run.pk]
 
 
-def timeline_filters(request: HttpRequest) -> tuple[str, str]:
+def timeline_filters(request: HttpRequest) -> tuple[str, str, dict[str, str]]:
+    """Name prefix, minimum level and work context (`?role=…`, key -> value) of a view."""
     prefix = request.GET.get("filter", "")[:200]
     level = request.GET.get("level", "")
-    return prefix, level if level in LEVELS[1:] else ""
+    context = work_context.wanted(request.GET)
+    return prefix, level if level in LEVELS[1:] else "", context
+
+
+def context_choices(request: HttpRequest, run: Run, context: dict[str, str]) -> list[dict]:
+    """The timeline's work-context chips: values seen in the run's newest events (and the
+    active ones), each with the page URL selecting it (other filters kept, `after` dropped).
+    """
+    choices = work_context.timeline_values(run.pk)
+    seen = {(c["param"], c["value"]) for c in choices}
+    for param, key in work_context.PARAMS.items():
+        if key in context and (param, context[key]) not in seen:
+            choices.append({"param": param, "key": key, "value": context[key], "count": None})
+    for choice in choices:
+        query = request.GET.copy()
+        query.pop("after", None)
+        active = context.get(choice["key"]) == choice["value"]
+        if active:
+            query.pop(choice["param"], None)  # a second click on the chip lifts it
+        else:
+            query[choice["param"]] = choice["value"]
+        choice["active"] = active
+        choice["url"] = "?" + query.urlencode() if query else "?"
+    return choices
 
 
 @login_required
 def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
     run, namesakes = run_for(request, run_id)
-    prefix, level = timeline_filters(request)
-    events = Event.objects.timeline(run, prefix, level)
+    prefix, level, context_filter = timeline_filters(request)
+    events = work_context.filter_by(
+        Event.objects.timeline(run, prefix, level), "data", context_filter
+    )
     after = int_param(request, "after")
     earlier = False
     if after is None:
@@ -198,6 +230,10 @@ def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
         "filter": prefix,
         "level": level,
         "levels": LEVELS[1:],
+        "context_filter": context_filter,
+        "context_params": [
+            (param, context_filter.get(key, "")) for param, key in work_context.PARAMS.items()
+        ],
         "follow": run.is_active and not more,
     }
     target = request.htmx.target if request.htmx else ""
@@ -209,13 +245,16 @@ def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
         status = 286 if polled and not run.is_active else 200
         return page(request, "runs/detail.html", context, {"timeline-next": "rows"}, status)
     context["namespaces"] = Event.objects.namespaces(run)
+    # Only runs with a work context (on the run: OTLP, `run.begin`) pay for the sample query.
+    if context_filter or work_context.chips(run.attributes):
+        context["context_choices"] = context_choices(request, run, context_filter)
     if target != "timeline":
         context["metrics"] = metrics_panel(run)
         first_error = None
         if run.errors_count:
             errors = Event.objects.filter(run_id=run.pk, level="error").order_by("seq")
             first_error = errors.values_list("seq", flat=True).first()
-        unfiltered = not prefix and not level
+        unfiltered = not prefix and not level and not context_filter
         context.update(
             namesakes=namesakes,
             first_error=first_error,
@@ -249,8 +288,10 @@ def run_events_jsonl(request: HttpRequest, run_id: str) -> StreamingHttpResponse
     from runs.api import EventFilters, event_lines
 
     run, _ = run_for(request, run_id)
-    prefix, level = timeline_filters(request)
-    lines = event_lines(run, EventFilters(filter=prefix, level=level, format="jsonl"))
+    prefix, level, _context = timeline_filters(request)
+    params = {p: request.GET.get(p, "")[: work_context.MAX_VALUE] for p in work_context.PARAMS}
+    filters = EventFilters(filter=prefix, level=level, format="jsonl", **params)
+    lines = event_lines(run, filters)
     response = StreamingHttpResponse(lines, content_type="application/x-ndjson")
     # The slug is agent text: slugified, it cannot break the header.
     name = f"{slugify(run.slug)[:80] or 'run'}-{run.pk}.jsonl"
