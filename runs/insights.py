@@ -345,15 +345,39 @@ def metric_series(
 ) -> tuple[dict[str, list[tuple[datetime, float, int]]], str, int]:
     """Average of one metric per time step, one series per slug (or model label).
 
+    OTLP points follow the aggregates' rules (docs/metrics.md, "What an OTLP point
+    counts for"): a cumulative series counts by its newest point in each step (its
+    running total then), and a step holding histogram points plots their mean
+    observation (sum of sums / sum of counts), not the per-point sums.
+
     Returns the `limit` series with the most points, the unit, and how many series
     were left out.
     """
     key = SERIES_KEYS.get(by, SERIES_KEYS["slug"])
-    sql = f"""
+    counted = """
         SELECT date_bin(%(step)s, m.recorded_at, %(origin)s) AS t, {key} AS series,
-               avg(m.value), count(*), max(m.unit)
+               m.value, m.unit, m.histogram, m.project_id, m.run_id, m.labels, m.recorded_at, m.id
         FROM runs_runmetric m LEFT JOIN runs_run r ON r.id = m.run_id
         WHERE m.name = %(name)s AND m.recorded_at >= %(since)s AND m.recorded_at <= %(until)s
+          AND {cumulative}"""
+    cumulative = "(m.source = 'otlp' AND m.labels @> '{\"otel.temporality\": \"cumulative\"}')"
+    sql = f"""
+        SELECT t, series,
+               CASE WHEN count(histogram) > 0
+                    THEN sum((histogram->>'sum')::float8)
+                         / nullif(sum((histogram->>'count')::float8), 0)
+                    ELSE avg(value) END,
+               count(*), max(unit)
+        FROM (
+            {counted.format(key=key, cumulative=f"NOT {cumulative}")}
+            UNION ALL
+            SELECT * FROM (
+                SELECT DISTINCT ON (t, c.project_id, c.run_id, c.labels) * FROM (
+                    {counted.format(key=key, cumulative=cumulative)}
+                ) c
+                ORDER BY t, c.project_id, c.run_id, c.labels, c.recorded_at DESC, c.id DESC
+            ) latest
+        ) points
         GROUP BY 1, 2
         ORDER BY 1
     """
@@ -365,6 +389,8 @@ def metric_series(
     weight: dict[str, int] = {}
     unit = ""
     for t, label, value, n, row_unit in rows:
+        if value is None:  # histogram points that hold no observation
+            continue
         series.setdefault(label, []).append((t, float(value), n))
         weight[label] = weight.get(label, 0) + n
         unit = unit or row_unit or ""

@@ -14,7 +14,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from runs import analytics
+from runs import analytics, insights
 from runs.models import Run, RunMetric
 from tests.fixtures.otlp.payloads import T0, attrs, metrics_request, to_json
 
@@ -429,3 +429,40 @@ def test_it_answers_a_p95_of_an_sdk_histogram_from_its_newest_export(live_server
         "p50",
     )
     assert p50["value"] == pytest.approx(13.0)
+
+
+# --- The metrics dashboard's chart --------------------------------------------------------
+
+
+def test_the_chart_plots_a_cumulative_series_by_its_newest_point_per_step(project, runs):
+    counter = {"otel.temporality": "cumulative", "status": "ok"}
+    RunMetric.objects.bulk_create(
+        [
+            # Running totals 1, 2, 3 in the first hour, 10 in the second.
+            point(project, runs["api-1"], minutes=5, value=1.0, labels=counter),
+            point(project, runs["api-1"], minutes=15, value=2.0, labels=counter),
+            point(project, runs["api-1"], minutes=25, value=3.0, labels=counter),
+            point(project, runs["api-1"], minutes=65, value=10.0, labels=counter),
+            # Another run's series in the first hour: its total 5.
+            point(project, runs["api-2"], minutes=30, value=5.0, labels=counter),
+        ]
+    )
+    series, _, _ = insights.metric_series(
+        "gastown.bd.duration_ms", at(0), at(120), timedelta(hours=1)
+    )
+    # Per hour, the average of each series' running total then: (3 + 5) / 2, then 10.
+    assert [(t, v, n) for t, v, n in series["acme__api"]] == [(at(0), 4.0, 2), (at(60), 10.0, 1)]
+
+
+def test_the_chart_plots_the_mean_observation_of_histogram_points(project, runs):
+    RunMetric.objects.bulk_create(
+        [
+            point(project, runs["web-1"], minutes=1, hist=hist([1, 1, 0, 0], 30), labels=DELTA),
+            point(project, runs["web-1"], minutes=2, hist=hist([0, 0, 2, 0], 90), labels=DELTA),
+        ]
+    )
+    series, unit, _ = insights.metric_series(
+        "gastown.bd.duration_ms", at(0), at(60), timedelta(hours=1)
+    )
+    # 120 ms over 4 observations, not the average of the per-point sums (60).
+    assert series["acme__web"] == [(at(0), 30.0, 2)] and unit == "ms"
