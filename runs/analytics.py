@@ -81,7 +81,8 @@ def points(metrics: QuerySet, name: str = "", slug: str = "", window: Window = W
 # aggregates them, merging bucket counts per bounds set when a percentile is asked.
 # Python only interpolates inside the few merged buckets.
 
-_CUMULATIVE = Q(source="otlp", labels__contains={"otel.temporality": "cumulative"})
+# The cheap test first: most points were not sent over OTLP.
+_CUMULATIVE = Q(source="otlp") & Q(labels__contains={"otel.temporality": "cumulative"})
 _SERIES = ("project_id", "run_id", "name", "labels")
 
 # SQL over the column `value` of the points that count (constants, never request text).
@@ -105,10 +106,11 @@ GROUPS = {
     "model": lambda: KT("labels__model"),
 }
 
-_PLAIN = "FILTER (WHERE histogram IS NULL)"
-_STATS = f"""
-    {{agg}} {_PLAIN} AS value, count(*) {_PLAIN} AS n, min(value) {_PLAIN} AS lo,
-    max(value) {_PLAIN} AS hi,
+# The aggregation runs over every point that counts: a group without histogram points
+# is answered by it, a group with some by the histogram figures alone (so no FILTER is
+# needed on the hot path of plain metrics).
+_STATS = """
+    {agg} AS value, count(*) AS n, min(value) AS lo, max(value) AS hi,
     count(histogram) AS h_points,
     sum((histogram->>'count')::float8) AS h_count,
     sum((histogram->>'sum')::float8) AS h_sum, count(histogram->>'sum') AS h_sums,
@@ -116,12 +118,14 @@ _STATS = f"""
     max((histogram->>'max')::float8) AS h_max, count(histogram->>'max') AS h_maxes
 """
 # Bucket counts summed per bucket index, per group and distinct bounds array; then one
-# [bounds, counts, points] triple per bounds array, gathered per group.
+# [bounds, counts, points] triple per bounds array, gathered per group. The bounds are
+# compared as text, which sorts far faster than jsonb (the stored form is Runlens' own,
+# so equal bounds have equal text).
 _SETS = """
 sets AS (
     SELECT {grp} bounds, jsonb_agg(n ORDER BY ord) AS counts, max(points) AS points
     FROM (
-        SELECT {grp} histogram->'bounds' AS bounds, c.ord, sum(c.n::float8) AS n,
+        SELECT {grp} (histogram->'bounds')::text AS bounds, c.ord, sum(c.n::float8) AS n,
                count(*) AS points
         FROM eff CROSS JOIN LATERAL
              jsonb_array_elements_text(histogram->'counts') WITH ORDINALITY AS c(n, ord)
@@ -134,26 +138,25 @@ _SET_TRIPLES = "jsonb_agg(jsonb_build_array(bounds, counts, points))"
 
 
 def _counting_points(points: QuerySet, group_by: str | None) -> tuple[str, list]:
-    """SQL (and parameters) of the points that count, as rows (value, histogram[, grp])."""
-    columns = ["value", "histogram"]
-    if group_by:
-        points = points.annotate(grp=GROUPS[group_by]())
-        columns.append("grp")
-    plain = points.exclude(_CUMULATIVE).order_by().values(*columns)
-    latest = (
+    """SQL (and parameters) of the points that count, as rows (value, histogram[, grp]).
+
+    One scan of the selection: the non-cumulative points, and the cumulative ones whose
+    id DISTINCT ON picked as the newest of their series (a hashed subplan, which
+    sorts only the cumulative points).
+    """
+    newest = (
         points.filter(_CUMULATIVE)
         .order_by(*_SERIES, "-recorded_at", "-id")
         .distinct(*_SERIES)
-        .values(*columns)
+        .values("id")
     )
-    plain_sql, plain_params = plain.query.sql_with_params()
-    latest_sql, latest_params = latest.query.sql_with_params()
-    cols = ", ".join(columns)
-    sql = (
-        f"SELECT {cols} FROM ({plain_sql}) plain_points "
-        f"UNION ALL SELECT {cols} FROM ({latest_sql}) latest_points"
-    )
-    return sql, [*plain_params, *latest_params]
+    counting = points.filter(~_CUMULATIVE | Q(id__in=newest)).order_by()
+    columns = ["value", "histogram"]
+    if group_by:
+        counting = counting.annotate(grp=GROUPS[group_by]())
+        columns.append("grp")
+    sql, params = counting.values(*columns).query.sql_with_params()
+    return sql, list(params)
 
 
 def aggregate(points: QuerySet, metric: str, aggregation: str, group_by: str | None = None):
@@ -218,7 +221,11 @@ def _histogram_stats(row: dict, aggregation: str) -> dict:
     total = row["h_sum"] if row["h_sums"] == points else None
     low = row["h_min"] if row["h_mins"] == points else None
     high = row["h_max"] if row["h_maxes"] == points else None
-    detail = {"points": points, "plain_points_ignored": row["n"], "other_bounds_points": 0}
+    detail = {
+        "points": points,
+        "plain_points_ignored": row["n"] - points,
+        "other_bounds_points": 0,
+    }
     if aggregation in QUANTILES:
         # Django's connection hands jsonb back as text (JSONField decodes its own).
         sets = row["sets"]
@@ -239,12 +246,12 @@ def _histogram_stats(row: dict, aggregation: str) -> dict:
 
 
 def _majority(sets: list) -> tuple[list[float], list[float], int]:
-    """The bounds array holding the most observations (then the most points, then the
-    most buckets), with its merged counts and how many points it merges."""
+    """The bounds array holding the most observations (then the most points; then any,
+    but always the same), with its merged counts and how many points it merges."""
     if not sets:
         return [], [], 0
-    bounds, counts, used = max(sets, key=lambda s: (sum(s[1]), s[2], len(s[0]), str(s[0])))
-    return [float(b) for b in bounds], [float(n) for n in counts], int(used)
+    bounds, counts, used = max(sets, key=lambda s: (sum(s[1]), s[2], s[0]))
+    return [float(b) for b in orjson.loads(bounds)], [float(n) for n in counts], int(used)
 
 
 def bucket_quantile(
