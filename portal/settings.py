@@ -209,6 +209,8 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # --- Ingest -----------------------------------------------------------------
 # Limits apply to the decompressed body, cut off while streaming.
+# Memory a percentile aggregate may sort in before spilling to disk (per query).
+ANALYTICS_WORK_MEM_MB = env_int("ANALYTICS_WORK_MEM_MB", 64, minimum=4)
 INGEST_MAX_BYTES = env_int("INGEST_MAX_BYTES", 16 * 1024 * 1024, minimum=1024)
 INGEST_MAX_LINE_BYTES = env_int("INGEST_MAX_LINE_BYTES", 1024 * 1024, minimum=256)
 INGEST_MAX_ERRORS_REPORTED = 100

@@ -713,6 +713,9 @@ class RunMetric(models.Model):
             # The run page's metrics panel.
             models.Index(fields=["run", "name"], name="metric_run_name"),
             BrinIndex(fields=["recorded_at"], name="metric_recorded_brin"),
+            # Whether a selection holds OTLP points at all (runs/analytics.py): most
+            # metrics have none, and their aggregates skip the OTLP rules.
+            models.Index(fields=["name"], name="metric_otlp_name", condition=Q(source="otlp")),
         ]
 
     def __str__(self) -> str:

@@ -192,9 +192,40 @@ def test_metric_name_is_required(client, token, world):
     assert "metricName" in str(response.json()["detail"])
 
 
-def test_each_aggregate_is_one_query(world, project, django_assert_num_queries):
+# Whether the selection holds OTLP points, the transaction's settings, the aggregate.
+QUERIES = 3
+
+
+def test_each_aggregate_is_three_queries_whatever_the_size(
+    world, project, django_assert_num_queries
+):
     points = analytics.points(RunMetric.objects.filter(project=project), "duration_ms")
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(QUERIES):
         analytics.aggregate(points, "duration_ms", "p95")
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(QUERIES):
         analytics.aggregate(points, "duration_ms", "avg", "slug")
+
+
+@pytest.mark.django_db(transaction=True)  # committed as in a request, so SET LOCAL ends
+def test_an_aggregate_runs_without_jit_and_with_room_to_sort(world, project, settings):
+    # The settings hold for the aggregate's own transaction only.
+    settings.ANALYTICS_WORK_MEM_MB = 32
+    seen = []
+
+    def spy(execute, sql, params, many, context):
+        # Just before each statement: what PostgreSQL would run it with (read through
+        # the raw driver cursor, so the spy does not watch itself).
+        raw = context["cursor"].cursor
+        raw.execute("SELECT current_setting('jit'), current_setting('work_mem')")
+        seen.append(raw.fetchone())
+        return execute(sql, params, many, context)
+
+    points = analytics.points(RunMetric.objects.filter(project=project), "duration_ms")
+    from django.db import connection
+
+    with connection.execute_wrapper(spy):
+        analytics.aggregate(points, "duration_ms", "p95")
+    assert seen[-1] == ("off", "32MB")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('work_mem')")
+        assert cursor.fetchone()[0] != "32MB"
