@@ -962,6 +962,64 @@ def _insert_runs_sql() -> tuple[str, list]:
     return sql, [f for f in fields if f.name not in _RUN_VARYING]
 
 
+def _trace_run(trace_id: str) -> str:
+    """The run of a trace whose spans and records name no run of their own."""
+    return f"trace-{trace_id}"
+
+
+_STORED_TRACE_RUNS = """
+SELECT DISTINCT ON (s.trace_id) s.trace_id, r.run_id
+FROM telemetry_span s JOIN runs_run r ON r.id = s.run_id
+WHERE s.project_id = %s AND s.trace_id = ANY(%s) AND r.run_id <> 'trace-' || s.trace_id
+ORDER BY s.trace_id, s.id
+"""
+
+
+def _named_trace_runs(project, items: list, refs: list[str]) -> dict[str, str]:
+    """trace id -> the run a span or record of that trace names, in this request or in
+    spans stored before: a trace is one run, so what names no run follows its trace."""
+    named: dict[str, str] = {}
+    for item, ref in zip(items, refs, strict=True):
+        if ref and item.trace_id:
+            named.setdefault(item.trace_id, ref)
+    unnamed = {item.trace_id for item, ref in zip(items, refs, strict=True) if not ref}
+    unnamed.discard("")
+    unnamed -= named.keys()
+    if unnamed:
+        with connection.cursor() as cursor:
+            cursor.execute(_STORED_TRACE_RUNS, [project.pk, sorted(unnamed)])
+            named.update(cursor.fetchall())
+    return named
+
+
+def _adopt_trace_spans(project, named: dict[str, str], run_pks: dict[str, int]) -> None:
+    """Spans stored earlier in the run of their trace (`trace-<id>`, because the span
+    naming the run came later: a root span ends, and is exported, last) move to the
+    named run; the trace's run goes if nothing else is in it."""
+    synthetic = {_trace_run(trace): run_pks[run] for trace, run in named.items()}
+    found = dict(
+        Run.objects.filter(project=project, run_id__in=list(synthetic)).values_list("run_id", "id")
+    )
+    if not found:
+        return
+    old = list(found.values())
+    new = [synthetic[run_id] for run_id in found]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE telemetry_span s SET run_id = v.new FROM unnest(%s::bigint[], %s::bigint[])"
+            " AS v(old, new) WHERE s.run_id = v.old AND s.project_id = %s",
+            [old, new, project.pk],
+        )
+        # The named run starts with the earliest of its trace.
+        cursor.execute(
+            "UPDATE runs_run AS r SET started_at = LEAST(r.started_at, t.started_at)"
+            " FROM unnest(%s::bigint[], %s::bigint[]) AS v(old, new), runs_run t"
+            " WHERE r.id = v.new AND t.id = v.old",
+            [old, new],
+        )
+    Run.objects.filter(pk__in=old, events_count=0).delete()
+
+
 def _new_run(slug: str, at: datetime) -> dict:
     return {"slug": slug, "started_at": at, "status": Run.Status.RUNNING}
 
@@ -1073,7 +1131,7 @@ def log_record(item: LogIn, received: datetime) -> Record:
     _context(data)
     run_id = _run_ref(item.attrs, scope)
     if not run_id:
-        run_id = f"trace-{item.trace_id}" if item.trace_id else _day_run(scope, ts)
+        run_id = _trace_run(item.trace_id) if item.trace_id else _day_run(scope, ts)
     return Record(
         ts,
         name,
@@ -1098,6 +1156,16 @@ def store_logs_batch(batch, body: bytes) -> int:
     records = [log_record(item, batch.received_at) for item in decoded.items]
     if not records:
         return 0
+    # Records that name no run follow the run their trace's spans (or records) name.
+    refs = [
+        "" if rec.trace_id and rec.run_id == _trace_run(rec.trace_id) else rec.run_id
+        for rec in records
+    ]
+    if not all(refs):
+        named = _named_trace_runs(batch.project, records, refs)
+        for rec, ref in zip(records, refs, strict=True):
+            if not ref and rec.trace_id in named:
+                rec.run_id = named[rec.trace_id]
     stored = store_records(batch.project, [(None, rec) for rec in records])
     # The run's attributes follow the newest work context its records carry.
     context: dict[int, dict] = {}
@@ -1166,14 +1234,14 @@ def store_traces_batch(batch, body: bytes) -> int:
     project = batch.project
     # Runs: by attribute, else one per trace. Per run: first start, last end, the root
     # span that finishes a run of its own trace, and the newest context.
-    refs: list[str] = []
+    refs: list[str] = [_run_ref(item.attrs, item.scope) for item in decoded.items]
+    named = _named_trace_runs(project, decoded.items, refs)
     spans: list[tuple] = []
     runs: dict[str, dict] = {}
-    for item in decoded.items:
-        run_id = _run_ref(item.attrs, item.scope) or f"trace-{item.trace_id}"
+    for i, item in enumerate(decoded.items):
+        run_id = refs[i] = refs[i] or named.get(item.trace_id) or _trace_run(item.trace_id)
         start, end = _ns_time(item.start_ns), _ns_time(item.end_ns)
         attrs, events, status_message = _span_parts(item)
-        refs.append(run_id)
         spans.append((start, end, attrs, events, status_message))
         run = runs.get(run_id)
         if run is None:
@@ -1183,7 +1251,7 @@ def store_traces_batch(batch, body: bytes) -> int:
             min(run["started_at"], start),
             max(run["last_event_at"], end),
         )
-        if not item.parent_span_id and run_id == f"trace-{item.trace_id}":
+        if not item.parent_span_id and run_id == _trace_run(item.trace_id):
             run["finish"] = "failed" if item.status_code == 2 else "succeeded"
             run["end"] = end
         run["attributes"].update(item.scope.derived()["context"])
@@ -1196,6 +1264,8 @@ def store_traces_batch(batch, body: bytes) -> int:
                 0, int((run["end"] - run["started_at"]).total_seconds() * 1000)
             )
     run_pks, created = _ensure_runs(project, runs)
+    if named:
+        _adopt_trace_spans(project, named, run_pks)
 
     resources: dict[int, bytes] = {}  # id(scope) -> COPY text of its resource
     parts: list[bytes] = []

@@ -396,6 +396,44 @@ def test_it_attaches_spans_to_the_run_their_attributes_name(post_otlp):
     assert run.attributes["gt.agent"] == "Toast"
 
 
+def test_a_trace_follows_the_run_one_of_its_spans_names(post_otlp):
+    # Only the root names the run, and a root ends, so is exported, last: its children
+    # arrive first, in the trace's own run, and move to the named run with it.
+    post_otlp("traces", traces_request(span("tool.bash", GRANDCHILD, CHILD)))
+    post_otlp("traces", traces_request(span("llm.call", CHILD, ROOT, start=T0 - 10**9)))
+    assert Run.objects.get().run_id == f"trace-{TRACE}"
+    post_otlp(
+        "traces",
+        traces_request(span("agent.run", ROOT, start=T0 - 2 * 10**9, attributes={"run.id": "r7"})),
+    )
+    run = Run.objects.get()  # the trace's own run is gone: nothing else was in it
+    assert run.run_id == "r7"
+    assert sorted(run.spans.values_list("name", flat=True)) == [
+        "agent.run",
+        "llm.call",
+        "tool.bash",
+    ]
+    assert run.started_at == Span.objects.get(name="agent.run").start_time
+    # Later spans and log records of the trace that name no run join it too.
+    later = "eee19b7ec3c1b176"
+    post_otlp("traces", traces_request(span("tool.read", later, CHILD)))
+    post_otlp("logs", logs_request(log("bd.call", trace_id=TRACE, span_id=later)))
+    assert Run.objects.get().run_id == "r7"
+    assert run.spans.count() == 4 and run.events.get().event == "bd.call"
+
+
+def test_spans_of_one_export_follow_the_run_their_trace_names(post_otlp):
+    post_otlp(
+        "traces",
+        traces_request(
+            span("llm.call", CHILD, ROOT),
+            span("agent.run", ROOT, attributes={"run.id": "r8"}),
+        ),
+    )
+    assert list(Run.objects.values_list("run_id", flat=True)) == ["r8"]
+    assert Run.objects.get().spans.count() == 2
+
+
 def test_it_puts_a_spans_work_context_on_its_run(post_otlp):
     post_otlp(
         "traces",
