@@ -32,7 +32,94 @@ project_auth = ProjectBearer()
 # Reads: an agent with its project's token, or an operator logged in to the portal.
 read_auth = [project_auth, django_auth]
 
-api = NinjaAPI(
+
+def _otlp_path(signal: str, request: str, rejected: str) -> dict:
+    body = {"schema": {"type": "string", "format": "binary"}}
+    answer = f"Export{request}ServiceResponse, in the request's encoding"
+    status = "google.rpc.Status ({code, message} in JSON), in the request's encoding"
+    return {
+        "post": {
+            "tags": ["otlp"],
+            "summary": f"OTLP/HTTP {signal}",
+            "description": (
+                f"An OpenTelemetry Export{request}ServiceRequest, protobuf or OTLP/JSON, "
+                "optionally gzip or deflate; limited after decompression (OTLP_MAX_BYTES). "
+                "Durable before the answer. A plain view, not part of the ninja router: "
+                "see docs/otlp.md."
+            ),
+            "security": [{"ProjectBearer": []}],
+            "requestBody": {
+                "required": True,
+                "content": {"application/x-protobuf": body, "application/json": body},
+            },
+            "responses": {
+                "200": {
+                    "description": f"{answer}; `partial_success.{rejected}` when some "
+                    "items were rejected"
+                },
+                "400": {"description": f"undecodable body: {status}"},
+                "401": {"description": f"missing or invalid token: {status}"},
+                "405": {"description": "not POST"},
+                "413": {"description": f"larger than OTLP_MAX_BYTES once decompressed: {status}"},
+                "415": {"description": "unknown Content-Type or Content-Encoding"},
+                "429": {"description": "project rate limit; Retry-After"},
+                "503": {"description": "the spool could not take the request; Retry-After"},
+            },
+        }
+    }
+
+
+# Endpoints served by plain Django views (their bodies are protobuf, or their answers
+# are not JSON), documented here so that /api/openapi.json lists every endpoint.
+PLAIN_PATHS = {
+    "/v1/logs": _otlp_path("logs", "Logs", "rejected_log_records"),
+    "/v1/metrics": _otlp_path("metrics", "Metrics", "rejected_data_points"),
+    "/v1/traces": _otlp_path("traces", "Trace", "rejected_spans"),
+    "/health": {
+        "get": {
+            "tags": ["operations"],
+            "summary": "Health with counters",
+            "description": "No login. docs/operations.md describes every field.",
+            "responses": {
+                "200": {
+                    "description": "status ok or degraded, version, commit, "
+                    "uptime_seconds, db_ok, broker_ok, metrics{…}"
+                },
+                "503": {"description": "the database is unreachable (status down)"},
+            },
+        }
+    },
+    "/health/live": {
+        "get": {
+            "tags": ["operations"],
+            "summary": "Process liveness (no database, no broker)",
+            "responses": {"200": {"description": '{"status": "ok", "uptime_seconds": …}'}},
+        }
+    },
+    "/metrics": {
+        "get": {
+            "tags": ["operations"],
+            "summary": "Prometheus exposition (OpenMetrics when Accept asks for it)",
+            "description": "METRICS_TOKEN bearer, a logged-in operator, or this machine.",
+            "responses": {
+                "200": {
+                    "description": "text/plain; version=0.0.4, or application/openmetrics-text"
+                },
+                "401": {"description": "none of the above"},
+            },
+        }
+    },
+}
+
+
+class RunlensAPI(NinjaAPI):
+    def get_openapi_schema(self, *, path_prefix=None, path_params=None):
+        schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        schema["paths"].update(PLAIN_PATHS)
+        return schema
+
+
+api = RunlensAPI(
     title="Runlens API",
     version="1",
     description="Ingest run traces from AI coding agents and read them back.",

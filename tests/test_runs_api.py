@@ -146,6 +146,17 @@ def test_openapi_documents_every_endpoint(client):
         "/api/runs/{run_id}",
         "/api/runs/{run_id}/events",
         "/api/runs/{run_id}/heartbeat",
+        "/api/metrics/record",
+        "/api/analytics/metrics",
+        "/api/analytics/export",
+        # Plain Django views, documented alongside.
+        "/v1/logs",
+        "/v1/metrics",
+        "/v1/traces",
+        "/health",
+        "/health/live",
+        "/metrics",
     ):
         assert path in paths, path
+    assert "application/x-protobuf" in paths["/v1/traces"]["post"]["requestBody"]["content"]
     assert "application/x-ndjson" in paths["/api/ingest/events"]["post"]["requestBody"]["content"]
