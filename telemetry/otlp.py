@@ -198,6 +198,8 @@ class PointIn:
     time_ns: int
     value: float
     histogram: dict | None
+    # When a cumulative series (re)started: a restarted process starts a new series.
+    start_ns: int = 0
 
 
 @dataclass
@@ -313,6 +315,7 @@ def _judge_point(item: PointIn) -> PointIn:
     if not item.time_ns:
         raise ItemError("data point without time_unix_nano")
     _check_time(item.time_ns, "time_unix_nano")
+    _check_time(item.start_ns, "start_time_unix_nano")
     _finite(item.value, "value")
     hist = item.histogram
     if hist is not None:
@@ -476,6 +479,7 @@ def _pb_metrics(request, attrs=_pb_attrs) -> Decoded:
                         dp.time_unix_nano,
                         value,
                         hist,
+                        dp.start_time_unix_nano,
                     )
                     append(_judge_point(item))
                 except ItemError as exc:
@@ -774,6 +778,7 @@ def _j_point(scope: Scope, metric: dict, kind: str, data: dict, dp: Any) -> Poin
         _j_int(dp.get("timeUnixNano"), "timeUnixNano"),
         value,
         hist,
+        _j_int(dp.get("startTimeUnixNano"), "startTimeUnixNano"),
     )
 
 
@@ -1366,6 +1371,10 @@ def _labels(item: PointIn, run_ref_keys: list[str]) -> dict:
         labels.setdefault(key, value)
     if item.type != "gauge" and item.temporality in TEMPORALITY:
         labels["otel.temporality"] = TEMPORALITY[item.temporality]
+        if TEMPORALITY[item.temporality] == "cumulative" and item.start_ns:
+            # Part of the series: after a restart the running total starts again from
+            # zero, and the totals of both lives count (docs/metrics.md).
+            labels["otel.start"] = _ns_time(item.start_ns).isoformat()
     if item.monotonic:
         labels["otel.monotonic"] = True
     return labels

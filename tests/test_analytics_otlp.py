@@ -215,6 +215,21 @@ def test_it_sums_the_newest_value_of_each_cumulative_counter_series(client, toke
     assert get(client, token, metric, aggregation="sum", until=until)["value"] == 3.0
 
 
+def test_a_restarted_process_starts_a_new_series_and_both_totals_count(client, token, post_otlp):
+    # Same run, same labels: the process counted to 5, restarted, and counts again from
+    # zero. Its start time tells the two lives apart, so the total is 5 + 2.
+    first = counter([(0, 3), (1, 5)], {"status": "ok"}, cumulative=True)
+    again = counter([(3, 1), (4, 2)], {"status": "ok"}, cumulative=True)
+    for dp in again.sum.data_points:
+        dp.start_time_unix_nano = T0 + 2 * MINUTE
+    post_otlp(metrics_request(first))
+    post_otlp(metrics_request(again), json=True)
+    starts = set(RunMetric.objects.values_list("labels__otel.start", flat=True))
+    assert len(starts) == 2
+    answer = get(client, token, "gastown.bd.calls.total", aggregation="sum")
+    assert (answer["value"], answer["count"]) == (7.0, 2)
+
+
 def test_it_adds_every_delta_point(client, token, post_otlp):
     post_otlp(
         metrics_request(
