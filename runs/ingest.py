@@ -521,6 +521,22 @@ def _redact_match(match: re.Match) -> str:
     return REDACTED
 
 
+def _identifiers(record: Record) -> tuple[str, str, str, str, str]:
+    return record.run_id, record.host, record.request_id, record.trace_id, record.span_id
+
+
+def safe_text(value: str) -> str:
+    """`value` as PostgreSQL text accepts it: NUL removed, lone surrogates replaced."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
+
+
 def scrub(raw: bytes | None, record: Record) -> None:
     """Make a record safe for PostgreSQL and free of secrets, walking only when needed.
 
@@ -528,9 +544,11 @@ def scrub(raw: bytes | None, record: Record) -> None:
     can matter. Huge integers, lone surrogates and infinities only come from the
     lenient parser, so its records are always walked, and redacted to be safe.
     """
-    if raw is None and not record.lenient:  # from a JSON array: no raw line to test
+    if raw is None and not record.lenient:  # from a JSON array or OTLP: no raw line
         try:
-            raw = orjson.dumps({"d": record.data, "m": record.message}, default=str)
+            raw = orjson.dumps(
+                {"d": record.data, "m": record.message, "i": _identifiers(record)}, default=str
+            )
         except TypeError:  # lone surrogates or an integer orjson cannot write
             raw = None
     if raw is None or record.lenient:
@@ -550,6 +568,10 @@ def scrub(raw: bytes | None, record: Record) -> None:
         record.slug = scrubber.text(record.slug, 200)
         record.phase = scrubber.text(record.phase, 64)
         record.event = scrubber.text(record.event, 200)
+        # Identifiers are cleaned, never redacted: a run id must stay the run's id.
+        record.run_id, record.host, record.request_id, record.trace_id, record.span_id = (
+            safe_text(value) for value in _identifiers(record)
+        )
         record.truncated = scrubber.truncated
     elif len(record.message) > MAX_MESSAGE:
         record.message = record.message[: MAX_MESSAGE - 1] + ELLIPSIS
@@ -796,9 +818,7 @@ def copy_text(value: str) -> str:
             .replace("\n", "\\n")
             .replace("\r", "\\r")
         )
-    if "\x00" in value:  # PostgreSQL text cannot hold NUL
-        value = value.replace("\x00", "")
-    return value
+    return safe_text(value)  # PostgreSQL text holds neither NUL nor lone surrogates
 
 
 COPY_EVENTS = (

@@ -45,7 +45,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.logs.v1.logs_pb2 import SeverityNumber
 
-from runs.ingest import LEVELS, Record, copy_text, scrub, store_records
+from runs.ingest import LEVELS, Record, copy_text, safe_text, scrub, store_records
 from runs.models import Run
 
 LOGS, METRICS, TRACES = "logs", "metrics", "traces"
@@ -890,7 +890,7 @@ def _lookup(keys: list[str], *maps: dict) -> str:
         for attrs in maps:
             value = attrs.get(key)
             if isinstance(value, str):
-                value = value.strip()
+                value = safe_text(value).strip()
                 if value:
                     return value
             elif type(value) is int:
@@ -921,7 +921,7 @@ def _context(data: dict) -> dict:
         if key not in data and f"gt.{key}" in data:
             data[key] = data[f"gt.{key}"]
     return {
-        key: str(data[key])[:MAX_LABEL]
+        key: safe_text(str(data[key]))[:MAX_LABEL]
         for key in CONTEXT_KEYS
         if data.get(key) not in (None, "") and isinstance(data[key], (str, int, float, bool))
     }

@@ -1,0 +1,264 @@
+"""No input yields a 500 on the newer receivers either: OTLP/JSON and the metrics API,
+fed valid payloads with random parts replaced by values of every JSON type."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+
+from telemetry.models import IngestBatch
+from tests.fixtures.otlp.payloads import (
+    CHILD,
+    ROOT,
+    gauge_metric,
+    histogram_metric,
+    log,
+    logs_request,
+    metrics_request,
+    span,
+    sum_metric,
+    to_json,
+    traces_request,
+)
+
+ODD = [
+    None,
+    True,
+    0,
+    -1,
+    2**70,
+    1.5e308,
+    "",
+    "x" * 300,
+    "\u0000",
+    "\ud800",
+    "zz",
+    "18446744073709551616",
+    [],
+    [None],
+    {},
+    {"stringValue": 1},
+    {"intValue": "1e3"},
+    {"arrayValue": {"values": [{"kvlistValue": {}}]}},
+]
+
+
+def assert_every_batch_stored() -> None:
+    """What a request accepted, the worker stored: no batch failed or is left pending."""
+    left = list(IngestBatch.objects.exclude(state="done").values_list("error", flat=True))
+    assert not left, left[:3]
+    assert IngestBatch.objects.exists()
+
+
+def dumps(payload) -> bytes:
+    # The stdlib writes what orjson refuses to: lone surrogates (escaped), huge integers.
+    return json.dumps(payload).encode()
+
+
+def paths(node, prefix=()):
+    """Every place in a JSON tree, as a path of keys and indexes."""
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from paths(value, (*prefix, i))
+
+
+def mutated(payload, rng: random.Random):
+    out = copy.deepcopy(payload)
+    places = [p for p in paths(out) if p]
+    for _ in range(rng.randint(1, 3)):
+        place = rng.choice(places)
+        node = out
+        try:
+            for step in place[:-1]:
+                node = node[step]
+            node[place[-1]] = copy.deepcopy(rng.choice(ODD))
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation changed the shape under this path
+    return out
+
+
+SEEDS = {
+    "logs": to_json(
+        logs_request(
+            log("bd.call", attributes={"run.id": "r1", "n": 3}, trace_id="ab" * 16),
+            log({"k": [1, 2.5, True]}, severity=17),
+        )
+    ),
+    "traces": to_json(
+        traces_request(
+            span("root", ROOT, attributes={"run.id": "r1"}, events=[("e", 10, {"a": 1})]),
+            span("child", CHILD, ROOT, status=(2, "boom")),
+        )
+    ),
+    "metrics": to_json(
+        metrics_request(
+            sum_metric("calls", [(3, {"status": "ok"}), (1.5, {})]),
+            gauge_metric("cost", 0.25),
+            histogram_metric("duration", [10.0, 20.0], [1, 2, 0], 31.0),
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("signal", sorted(SEEDS))
+def test_mutated_otlp_json_is_answered_without_a_500(
+    client, token, django_capture_on_commit_callbacks, signal
+):
+    rng = random.Random(f"otlp-{signal}")
+    for _ in range(60):
+        body = dumps(mutated(SEEDS[signal], rng))
+        with django_capture_on_commit_callbacks(execute=True):
+            response = client.post(
+                f"/v1/{signal}",
+                body,
+                content_type="application/json",
+                HTTP_AUTHORIZATION=f"Bearer {token}",
+            )
+        assert response.status_code in (200, 400), (response.status_code, body[:300])
+    assert_every_batch_stored()
+
+
+def test_mutated_metric_bodies_are_answered_without_a_500(
+    client, token, django_capture_on_commit_callbacks
+):
+    seed = {
+        "metrics": [
+            {"metric_name": "duration_ms", "metric_value": 12, "labels": {"model": "gpt-4o"}},
+            {"metric_name": "tokens_in", "metric_value": 5, "recorded_at": "2026-04-21T05:12Z"},
+        ]
+    }
+    rng = random.Random("metrics")
+    for _ in range(80):
+        body = dumps(mutated(seed, rng))
+        with django_capture_on_commit_callbacks(execute=True):
+            response = client.post(
+                "/api/metrics/record",
+                body,
+                content_type="application/json",
+                HTTP_AUTHORIZATION=f"Bearer {token}",
+            )
+        assert response.status_code in (202, 400), (response.status_code, body[:300])
+    assert_every_batch_stored()
+
+
+# --- What the fuzzing found: text PostgreSQL refuses, in places no one cleaned ---------
+
+
+def post_json(client, capture, path: str, body: bytes, token: str):
+    with capture(execute=True):
+        return client.post(
+            path, body, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {token}"
+        )
+
+
+def test_nul_and_lone_surrogates_in_identifiers_are_cleaned_not_fatal(
+    client, token, django_capture_on_commit_callbacks
+):
+    from runs.models import Event, Run
+
+    # Before: the run id and host reached PostgreSQL as sent and the batch failed.
+    body = (
+        b'{"ts":"2026-04-21T05:12:34Z","slug":"s","event":"a.b","run_id":"r\\u0000\\ud800",'
+        b'"host":"h\\u0000ost","request_id":"q\\ud800"}\n'
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(
+            "/api/ingest/events",
+            body,
+            content_type="application/x-ndjson",
+            HTTP_AUTHORIZATION=f"Bearer {token}",
+        )
+    assert response.status_code == 202
+    assert_every_batch_stored()
+    run = Run.objects.get()
+    assert (run.run_id, run.host) == ("r\ufffd", "host")
+    assert Event.objects.get().request_id == "q\ufffd"
+
+
+def test_otlp_text_that_postgresql_refuses_is_cleaned_in_every_signal(
+    client, token, django_capture_on_commit_callbacks
+):
+    from runs.models import Run, RunMetric
+    from telemetry.models import Span
+
+    resource = {"key": "service.name", "value": {"stringValue": "svc\u0000\ud800"}}
+    logs = {
+        "resourceLogs": [
+            {
+                "resource": {"attributes": [resource]},
+                "scopeLogs": [
+                    {
+                        "logRecords": [
+                            {
+                                "timeUnixNano": "1776748354123000000",
+                                "body": {"stringValue": "bd.call"},
+                                "attributes": [
+                                    {"key": "run.id", "value": {"stringValue": "r\u00001"}},
+                                    {"key": "gt.role", "value": {"stringValue": "\ud800x"}},
+                                ],
+                            }
+                        ]
+                    }
+                ],
+            }
+        ]
+    }
+    traces = {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": [resource]},
+                "scopeSpans": [
+                    {
+                        "spans": [
+                            {
+                                "traceId": "ab" * 16,
+                                "spanId": "cd" * 8,
+                                "name": "span\ud800\u0000",
+                                "startTimeUnixNano": "1776748354123000000",
+                                "endTimeUnixNano": "1776748354223000000",
+                            }
+                        ]
+                    }
+                ],
+            }
+        ]
+    }
+    metrics = {
+        "resourceMetrics": [
+            {
+                "resource": {"attributes": [resource]},
+                "scopeMetrics": [
+                    {
+                        "metrics": [
+                            {
+                                "name": "calls\ud800\u0000",
+                                "unit": "\u00001",
+                                "gauge": {
+                                    "dataPoints": [
+                                        {"asDouble": 1.0, "timeUnixNano": "1776748354123000000"}
+                                    ]
+                                },
+                            }
+                        ]
+                    }
+                ],
+            }
+        ]
+    }
+    for signal, payload in (("logs", logs), ("traces", traces), ("metrics", metrics)):
+        response = post_json(
+            client, django_capture_on_commit_callbacks, f"/v1/{signal}", dumps(payload), token
+        )
+        assert response.status_code == 200, (signal, response.content)
+    assert_every_batch_stored()
+    assert Run.objects.get(run_id="r1").attributes["gt.role"] == "\ufffdx"
+    assert Span.objects.get().name == "span\ufffd"
+    assert Span.objects.get().service == "svc\ufffd"
+    assert RunMetric.objects.get().name == "calls\ufffd"
