@@ -10,10 +10,11 @@ from django.conf import settings
 from django.http import Http404, HttpRequest, StreamingHttpResponse
 from ninja import Field, Query, Router, Schema, Status
 from ninja.errors import HttpError
+from pydantic import field_validator
 
 from portal.api import project_auth, read_auth
 from runs import work_context
-from runs.ingest import IngestError, read_body
+from runs.ingest import IngestError, read_body, safe_text
 from runs.models import (
     Artifact,
     Event,
@@ -83,6 +84,14 @@ class HeartbeatIn(Schema):
     phase: str = Field("", max_length=64)
     pid: int | None = Field(None, ge=0, lt=2**31)
     host: str = Field("", max_length=255)
+
+    @field_validator("phase", "host")
+    @classmethod
+    def storable(cls, value: str) -> str:
+        # PostgreSQL text holds neither NUL nor lone surrogates: say so, as a 400.
+        if safe_text(value) != value:
+            raise ValueError("must not contain NUL characters or lone surrogates")
+        return value
 
 
 @router.post("/runs/{run_id}/heartbeat", auth=project_auth, summary="Run heartbeat")

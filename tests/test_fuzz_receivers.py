@@ -1,5 +1,5 @@
-"""No input yields a 500 on the newer receivers either: OTLP/JSON and the metrics API,
-fed valid payloads with random parts replaced by values of every JSON type."""
+"""No input yields a 500 and nothing accepted is lost: every receiver fed valid bodies
+with random parts replaced by values of every JSON type, and what the fuzzing found."""
 
 from __future__ import annotations
 
@@ -262,3 +262,74 @@ def test_otlp_text_that_postgresql_refuses_is_cleaned_in_every_signal(
     assert Span.objects.get().name == "span\ufffd"
     assert Span.objects.get().service == "svc\ufffd"
     assert RunMetric.objects.get().name == "calls\ufffd"
+
+
+GITOMA = {
+    "ts": "2026-04-21T05:12:34Z",
+    "slug": "o__r",
+    "phase": "WORKING",
+    "level": "info",
+    "event": "llm.call",
+    "run_id": "r1",
+    "seq": 3,
+    "message": "m",
+    "pid": 12,
+    "host": "h",
+    "request_id": "q",
+    "trace_id": "ab" * 16,
+    "data": {
+        "model": "gpt-4o",
+        "tokens_in": 10,
+        "usage": {"prompt_tokens": 3},
+        "exit_code": 0,
+        "tags": ["a"],
+        "parent_run_id": "p",
+        "error": {"type": "E", "message": "x"},
+    },
+}
+
+
+def test_mutated_events_are_answered_without_a_500_and_stored(
+    client, token, django_capture_on_commit_callbacks
+):
+    rng = random.Random("events")
+    lifecycle = ["run.begin", "run.crashed", "run.exit_clean", "phase.start", "llm.call"]
+    for _ in range(60):
+        records = [mutated({**GITOMA, "event": rng.choice(lifecycle)}, rng) for _ in range(2)]
+        body = b"".join(dumps(r) + b"\n" for r in records)
+        with django_capture_on_commit_callbacks(execute=True):
+            response = client.post(
+                "/api/ingest/events",
+                body,
+                content_type="application/x-ndjson",
+                HTTP_AUTHORIZATION=f"Bearer {token}",
+            )
+        assert response.status_code in (202, 400), (response.status_code, body[:300])
+    assert_every_batch_stored()
+
+
+def test_mutated_heartbeats_and_beacons_are_answered_without_a_500(client, token, project):
+    rng = random.Random("heartbeats")
+    beacon = {
+        "level": "error",
+        "message": "TypeError: x is undefined",
+        "stack": "at f (https://app.example.com/a.js:1:2)",
+        "context": {"url": "https://app.example.com/", "ua": "u", "build": "1"},
+    }
+    for i in range(60):
+        heartbeat = mutated({"phase": "WORKING", "pid": 1, "host": "h"}, rng)
+        response = client.post(
+            "/api/runs/r1/heartbeat",
+            dumps(heartbeat),
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {token}",
+        )
+        assert response.status_code in (200, 400), (response.status_code, heartbeat)
+        report = mutated(beacon, rng)
+        response = client.post(
+            f"/api/frontend-log?key={project.public_key}",
+            dumps(report),
+            content_type="text/plain",
+            REMOTE_ADDR=f"10.0.0.{i}",  # one client each: the per-address limit stays out
+        )
+        assert response.status_code in (202, 400), (response.status_code, report)

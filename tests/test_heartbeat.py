@@ -43,3 +43,18 @@ def test_bad_heartbeats_get_400_and_no_token_401(client, token):
     assert beat(client, token, "r1", {"phase": "x" * 65}).status_code == 400
     assert beat(client, "rl_nope", "r1", {}).status_code == 401
     assert not Run.objects.exists()
+
+
+def test_a_heartbeat_with_text_postgresql_refuses_is_a_400_naming_it(client, token):
+    for body, named in (
+        ('{"phase": "WORK\\u0000ING"}', "NUL"),  # was a 500 from the database driver
+        ('{"host": "h\\ud800"}', "host"),
+    ):
+        response = client.post(
+            "/api/runs/r1/heartbeat",
+            body,
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {token}",
+        )
+        assert response.status_code == 400
+        assert named in str(response.json()["detail"])
