@@ -46,6 +46,19 @@ ODD = [
 ]
 
 
+@pytest.fixture
+def post(client, token, django_capture_on_commit_callbacks):
+    """POST a body with the project's token; the (eager) worker stores what is accepted."""
+
+    def send(path: str, body: bytes, content_type: str = "application/json"):
+        with django_capture_on_commit_callbacks(execute=True):
+            return client.post(
+                path, body, content_type=content_type, HTTP_AUTHORIZATION=f"Bearer {token}"
+            )
+
+    return send
+
+
 def assert_every_batch_stored() -> None:
     """What a request accepted, the worker stored: no batch failed or is left pending."""
     left = list(IngestBatch.objects.exclude(state="done").values_list("error", flat=True))
@@ -108,26 +121,16 @@ SEEDS = {
 
 
 @pytest.mark.parametrize("signal", sorted(SEEDS))
-def test_mutated_otlp_json_is_answered_without_a_500(
-    client, token, django_capture_on_commit_callbacks, signal
-):
+def test_mutated_otlp_json_is_answered_without_a_500(post, signal):
     rng = random.Random(f"otlp-{signal}")
     for _ in range(60):
         body = dumps(mutated(SEEDS[signal], rng))
-        with django_capture_on_commit_callbacks(execute=True):
-            response = client.post(
-                f"/v1/{signal}",
-                body,
-                content_type="application/json",
-                HTTP_AUTHORIZATION=f"Bearer {token}",
-            )
+        response = post(f"/v1/{signal}", body, "application/json")
         assert response.status_code in (200, 400), (response.status_code, body[:300])
     assert_every_batch_stored()
 
 
-def test_mutated_metric_bodies_are_answered_without_a_500(
-    client, token, django_capture_on_commit_callbacks
-):
+def test_mutated_metric_bodies_are_answered_without_a_500(post):
     seed = {
         "metrics": [
             {"metric_name": "duration_ms", "metric_value": 12, "labels": {"model": "gpt-4o"}},
@@ -137,13 +140,7 @@ def test_mutated_metric_bodies_are_answered_without_a_500(
     rng = random.Random("metrics")
     for _ in range(80):
         body = dumps(mutated(seed, rng))
-        with django_capture_on_commit_callbacks(execute=True):
-            response = client.post(
-                "/api/metrics/record",
-                body,
-                content_type="application/json",
-                HTTP_AUTHORIZATION=f"Bearer {token}",
-            )
+        response = post("/api/metrics/record", body, "application/json")
         assert response.status_code in (202, 400), (response.status_code, body[:300])
     assert_every_batch_stored()
 
@@ -151,16 +148,7 @@ def test_mutated_metric_bodies_are_answered_without_a_500(
 # --- What the fuzzing found: text PostgreSQL refuses, in places no one cleaned ---------
 
 
-def post_json(client, capture, path: str, body: bytes, token: str):
-    with capture(execute=True):
-        return client.post(
-            path, body, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {token}"
-        )
-
-
-def test_nul_and_lone_surrogates_in_identifiers_are_cleaned_not_fatal(
-    client, token, django_capture_on_commit_callbacks
-):
+def test_nul_and_lone_surrogates_in_identifiers_are_cleaned_not_fatal(post):
     from runs.models import Event, Run
 
     # Before: the run id and host reached PostgreSQL as sent and the batch failed.
@@ -168,13 +156,7 @@ def test_nul_and_lone_surrogates_in_identifiers_are_cleaned_not_fatal(
         b'{"ts":"2026-04-21T05:12:34Z","slug":"s","event":"a.b","run_id":"r\\u0000\\ud800",'
         b'"host":"h\\u0000ost","request_id":"q\\ud800"}\n'
     )
-    with django_capture_on_commit_callbacks(execute=True):
-        response = client.post(
-            "/api/ingest/events",
-            body,
-            content_type="application/x-ndjson",
-            HTTP_AUTHORIZATION=f"Bearer {token}",
-        )
+    response = post("/api/ingest/events", body, "application/x-ndjson")
     assert response.status_code == 202
     assert_every_batch_stored()
     run = Run.objects.get()
@@ -182,9 +164,7 @@ def test_nul_and_lone_surrogates_in_identifiers_are_cleaned_not_fatal(
     assert Event.objects.get().request_id == "q\ufffd"
 
 
-def test_otlp_text_that_postgresql_refuses_is_cleaned_in_every_signal(
-    client, token, django_capture_on_commit_callbacks
-):
+def test_otlp_text_that_postgresql_refuses_is_cleaned_in_every_signal(post):
     from runs.models import Run, RunMetric
     from telemetry.models import Span
 
@@ -253,9 +233,7 @@ def test_otlp_text_that_postgresql_refuses_is_cleaned_in_every_signal(
         ]
     }
     for signal, payload in (("logs", logs), ("traces", traces), ("metrics", metrics)):
-        response = post_json(
-            client, django_capture_on_commit_callbacks, f"/v1/{signal}", dumps(payload), token
-        )
+        response = post(f"/v1/{signal}", dumps(payload))
         assert response.status_code == 200, (signal, response.content)
     assert_every_batch_stored()
     assert Run.objects.get(run_id="r1").attributes["gt.role"] == "\ufffdx"
@@ -289,21 +267,13 @@ GITOMA = {
 }
 
 
-def test_mutated_events_are_answered_without_a_500_and_stored(
-    client, token, django_capture_on_commit_callbacks
-):
+def test_mutated_events_are_answered_without_a_500_and_stored(post):
     rng = random.Random("events")
     lifecycle = ["run.begin", "run.crashed", "run.exit_clean", "phase.start", "llm.call"]
     for _ in range(60):
         records = [mutated({**GITOMA, "event": rng.choice(lifecycle)}, rng) for _ in range(2)]
         body = b"".join(dumps(r) + b"\n" for r in records)
-        with django_capture_on_commit_callbacks(execute=True):
-            response = client.post(
-                "/api/ingest/events",
-                body,
-                content_type="application/x-ndjson",
-                HTTP_AUTHORIZATION=f"Bearer {token}",
-            )
+        response = post("/api/ingest/events", body, "application/x-ndjson")
         assert response.status_code in (202, 400), (response.status_code, body[:300])
     assert_every_batch_stored()
 
