@@ -22,6 +22,7 @@ from django.utils.text import slugify
 
 from runs import charts, insights, work_context
 from runs.models import LEVELS, Artifact, Event, Project, Run, diff_texts
+from telemetry.models import ErrorReport
 from telemetry.traces import run_traces
 
 RUNS_PAGE = 50
@@ -274,6 +275,10 @@ def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
         )
         # The "Spans" section: the run's traces, linking to their waterfalls.
         context["traces"], context["more_traces"] = run_traces(run)
+        # The "Errors" section: what this run fed into the error groups of /errors. Only
+        # error-level events and crashes make reports, so other runs skip the query.
+        if run.errors_count or run.status == Run.Status.CRASHED:
+            context["error_groups"] = ErrorReport.objects.groups_of_run(run)
     return page(request, "runs/detail.html", context, {"timeline": "timeline"})
 
 

@@ -247,6 +247,16 @@ class ErrorGroup(models.Model):
 
 
 class ErrorReportQuerySet(models.QuerySet):
+    def groups_of_run(self, run, limit: int = 10) -> list[dict]:
+        """The error groups a run fed, most occurrences first, in one query: its page's
+        Errors section (the run's error-level events and crash become reports)."""
+        return list(
+            self.filter(run=run)
+            .values("group_id", "group__title", "group__status", "group__culprit")
+            .annotate(n=models.Count("id"), last=models.Max("received_at"))
+            .order_by("-n", "-last")[:limit]
+        )
+
     def affected(self, group_ids: list[int]) -> dict[int, dict[str, int]]:
         """Distinct users (visitors), page URLs and runs per group, in one query."""
         rows = (

@@ -655,3 +655,22 @@ def test_agent_data_is_escaped_and_never_reaches_htmx_attributes(operator_client
                     assert "evil" not in value and "pwned" not in value and "<" not in value
                 if name == "href":
                     assert not value.lower().lstrip().startswith("javascript:"), url
+
+
+def test_the_run_page_lists_the_error_groups_the_run_fed(operator_client, post_events):
+    post_events(
+        ndjson(
+            record("run.begin"),
+            record("tool.bash", level="error", message="<b>boom</b>", data={"error": "E: x"}),
+            record("tool.bash", level="error", message="<b>boom</b>", data={"error": "E: x"}),
+            record("run.crashed", level="error", data={"exit_code": 3}),
+        ),
+        run_id="bad",
+    )
+    post_events(ndjson(record("run.begin")), run_id="good")
+    body = html(operator_client.get("/runs/bad"))
+    section = body.split('id="errors-title"')[1].split("</section>")[0]
+    assert section.count('href="/errors/') == 2  # the tool failure (twice) and the crash
+    assert "<b>boom" not in section  # agent text, escaped
+    assert '<td class="num">2</td>' in section
+    assert "No errors reported by this run." in html(operator_client.get("/runs/good"))
