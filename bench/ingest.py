@@ -511,42 +511,41 @@ class EndToEnd(Timing):
     acked: float = 0.0  # first POST -> last 202; `seconds`: first POST -> count(*) = N
 
 
-def phase_http(
+def drive(
     portal: Portal,
     conn: psycopg.Connection,
     postmaster: int | None,
-    token: str,
-    work: Workload,
+    items: list,
+    send: Callable[[http.client.HTTPConnection, Any], str | None],
+    table: str,
+    total: int,
     threads: int,
 ) -> EndToEnd:
-    total = sum(lines for _, lines in work.batches)
+    """POST `items` from `threads` clients and time the first POST to the moment
+    `SELECT count(*) FROM <table>` reaches `total`. `send` posts one item on a client's
+    connection and returns what went wrong, or None (bench/otlp.py uses it too)."""
     todo: queue.SimpleQueue = queue.SimpleQueue()
-    for item in work.batches:
+    for item in items:
         todo.put(item)
     failures: list[str] = []
     acked_at: list[float] = []
-    headers = {
-        "Authorization": f"Bearer {token}",
-        "Content-Type": "application/x-ndjson",
-        "Content-Encoding": "gzip",
-    }
 
     def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", portal.port, timeout=120)
+        http_conn = http.client.HTTPConnection("127.0.0.1", portal.port, timeout=120)
         try:
             while True:
                 try:
-                    body, lines = todo.get_nowait()
+                    item = todo.get_nowait()
                 except queue.Empty:
                     return
-                status, answer = portal.post(body, headers, conn)
-                if status != 202 or orjson.loads(answer)["accepted"] != lines:
-                    failures.append(f"{status}: {answer[:300]!r}")
+                error = send(http_conn, item)
+                if error:
+                    failures.append(error)
                 acked_at.append(time.perf_counter())
         except Exception as exc:  # reported below; the main thread must not wait forever
             failures.append(repr(exc))
         finally:
-            conn.close()
+            http_conn.close()
 
     meter = CpuMeter(
         {"web": portal.pid("web"), "worker": portal.pid("worker"), "postgres": postmaster}
@@ -555,7 +554,7 @@ def phase_http(
     pool = [threading.Thread(target=client, daemon=True) for _ in range(threads)]
     for thread in pool:
         thread.start()
-    deadline = start + max(120.0, total / 1000)
+    deadline = start + max(120.0, total / 500)
     while True:
         # The cheap spool check decides when the count(*) is worth running; the
         # clock stops at the count(*) that sees every row.
@@ -564,23 +563,48 @@ def phase_http(
             raise RuntimeError(f"ingest failed: {failures[:3]}\n{portal.logs()}")
         if time.perf_counter() > deadline:
             raise RuntimeError(f"timed out:\n{portal.logs()}")
-        if len(acked_at) < len(work.batches):
+        if len(acked_at) < len(items):
             continue
-        pending = conn.execute(
+        pending, failed = conn.execute(
             "SELECT count(*) FILTER (WHERE state = 'pending'),"
             " count(*) FILTER (WHERE state = 'failed') FROM telemetry_ingestbatch"
         ).fetchone()
-        if pending[1]:
-            raise RuntimeError(f"{pending[1]} batches failed:\n{portal.logs()}")
-        if pending[0]:
+        if failed:
+            raise RuntimeError(f"{failed} batches failed:\n{portal.logs()}")
+        if pending:
             continue
-        if conn.execute("SELECT count(*) FROM runs_event").fetchone()[0] >= total:
+        if conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] >= total:
             seconds = time.perf_counter() - start
             break
     cpu, foreign = meter.stop()
     for thread in pool:
         thread.join()
     return EndToEnd(seconds, cpu, foreign, acked=max(acked_at) - start)
+
+
+def phase_http(
+    portal: Portal,
+    conn: psycopg.Connection,
+    postmaster: int | None,
+    token: str,
+    work: Workload,
+    threads: int,
+) -> EndToEnd:
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "application/x-ndjson",
+        "Content-Encoding": "gzip",
+    }
+
+    def send(http_conn: http.client.HTTPConnection, item: tuple[bytes, int]) -> str | None:
+        body, lines = item
+        status, answer = portal.post(body, headers, http_conn)
+        if status != 202 or orjson.loads(answer)["accepted"] != lines:
+            return f"{status}: {answer[:300]!r}"
+        return None
+
+    total = sum(lines for _, lines in work.batches)
+    return drive(portal, conn, postmaster, work.batches, send, "runs_event", total, threads)
 
 
 # --- Where the time goes, in process -----------------------------------------------

@@ -27,14 +27,11 @@ import argparse
 import http.client
 import os
 import platform
-import queue
 import random
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -46,9 +43,10 @@ sys.path.insert(1, str(ROOT))
 
 from ingest import (  # noqa: E402  (bench/ingest.py: the portal, CPU meters, baselines)
     REDIS_URL,
-    CpuMeter,
+    EndToEnd,
     Timing,
     configured_url,
+    drive,
     phase_copy,
     postmaster_pid,
     redis_reachable,
@@ -211,11 +209,6 @@ def count_items(request) -> int:
 # --- Phases ---------------------------------------------------------------------------
 
 
-@dataclass
-class EndToEnd(Timing):
-    acked: float = 0.0
-
-
 def post(conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict) -> tuple:
     conn.request("POST", path, body=body, headers=headers)
     response = conn.getresponse()
@@ -238,60 +231,14 @@ def phase_http(
         "Authorization": f"Bearer {token}",
         "Content-Type": "application/json" if json else "application/x-protobuf",
     }
-    todo: queue.SimpleQueue = queue.SimpleQueue()
-    for body in bodies:
-        todo.put(body)
-    failures: list[str] = []
-    acked_at: list[float] = []
 
-    def client() -> None:
-        http_conn = http.client.HTTPConnection("127.0.0.1", portal.port, timeout=120)
-        try:
-            while True:
-                try:
-                    body = todo.get_nowait()
-                except queue.Empty:
-                    return
-                status, answer = post(http_conn, path, body, headers)
-                if status != 200 or answer not in (b"", b"{}"):
-                    failures.append(f"{status}: {answer[:300]!r}")
-                acked_at.append(time.perf_counter())
-        except Exception as exc:
-            failures.append(repr(exc))
-        finally:
-            http_conn.close()
+    def send(http_conn: http.client.HTTPConnection, body: bytes) -> str | None:
+        status, answer = post(http_conn, path, body, headers)
+        if status != 200 or answer not in (b"", b"{}"):
+            return f"{status}: {answer[:300]!r}"
+        return None
 
-    meter = CpuMeter(
-        {"web": portal.pid("web"), "worker": portal.pid("worker"), "postgres": postmaster}
-    )
-    start = time.perf_counter()
-    pool = [threading.Thread(target=client, daemon=True) for _ in range(threads)]
-    for thread in pool:
-        thread.start()
-    deadline = start + max(120.0, total / 500)
-    while True:
-        time.sleep(0.02)
-        if failures:
-            raise RuntimeError(f"ingest failed: {failures[:3]}\n{portal.logs()}")
-        if time.perf_counter() > deadline:
-            raise RuntimeError(f"timed out:\n{portal.logs()}")
-        if len(acked_at) < len(bodies):
-            continue
-        pending, failed = conn.execute(
-            "SELECT count(*) FILTER (WHERE state = 'pending'),"
-            " count(*) FILTER (WHERE state = 'failed') FROM telemetry_ingestbatch"
-        ).fetchone()
-        if failed:
-            raise RuntimeError(f"{failed} batches failed:\n{portal.logs()}")
-        if pending:
-            continue
-        if conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] >= total:
-            seconds = time.perf_counter() - start
-            break
-    cpu, foreign = meter.stop()
-    for thread in pool:
-        thread.join()
-    return EndToEnd(seconds, cpu, foreign, acked=max(acked_at) - start)
+    return drive(portal, conn, postmaster, bodies, send, table, total, threads)
 
 
 def stored_rows(requests: list, project) -> list:
