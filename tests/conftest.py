@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import pytest
 from django.contrib.auth.models import User
+from django.db import connections
 from django.test import Client
 
 from portal.celery import app as celery_app
@@ -24,6 +26,31 @@ def eager_celery():
     celery_app.conf.task_always_eager = True
     celery_app.conf.task_eager_propagates = True
     yield
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (no browser download)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A real headless Chromium, driven by Playwright, for the browser tests of a module."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    # Playwright's sync API runs an event loop in this thread; the ORM calls made
+    # between browser steps are still plain synchronous ones.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                yield browser
+            finally:
+                # ORM calls made while Playwright's loop was active got their own
+                # connection; close it, or the test database cannot be dropped.
+                connections.close_all()
+                browser.close()
 
 
 @pytest.fixture(autouse=True)

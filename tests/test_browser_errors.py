@@ -15,15 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connections
 
 from runs.models import Project
 from telemetry.models import ErrorGroup, ErrorReport
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 THROWN = '<img src=x onerror="window.__pwned=1">'
 REJECTED = "<script>window.__pwned=2</script>"
 
@@ -71,23 +68,6 @@ def app_origin(live_server):
     yield f"http://127.0.0.1:{server.server_address[1]}", holder
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture
-def browser(monkeypatch):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    # Playwright's sync API runs an event loop in this thread; the ORM calls the
-    # test makes between browser steps are still plain synchronous ones.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield browser
-        finally:
-            # ORM calls made while Playwright's loop is active get their own
-            # connection; close it here, or the test database cannot be dropped.
-            connections.close_all()
-            browser.close()
 
 
 def wait_for(predicate, timeout: float = 15.0) -> bool:

@@ -8,7 +8,6 @@ batch is stored by the time its POST returns.
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 
 import pytest
@@ -18,8 +17,6 @@ from runs.models import Artifact, Project, Run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 PASSWORD = "correct horse battery"
 PATCH = b"""diff --git a/README.md b/README.md
 --- a/README.md
@@ -37,21 +34,6 @@ XSS = [
     '<a href="/x" hx-get="/api/runs" hx-trigger="load">hx</a>',
     '<div hx-get="/logout/" hx-trigger="load" hx-on:htmx:load="window.__pwned=4">d</div>',
 ]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian's chromium is not installed")
-    # Playwright's sync API runs an event loop in this thread; the ORM calls made
-    # between browser steps are still plain synchronous ones.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            yield browser
-            browser.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ served by the live portal under its real CSP.
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,26 +13,13 @@ from django.contrib.auth.models import User
 
 from runs.models import Project
 from telemetry.models import Span
-from tests.test_browser_runs import ARGS, CHROMIUM, PASSWORD, log_in
+from tests.test_browser_runs import PASSWORD, log_in
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 T0 = datetime(2026, 4, 21, 5, 0, tzinfo=UTC)
 HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian's chromium is not installed")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            yield browser
-            browser.close()
 
 
 @pytest.fixture
