@@ -914,12 +914,17 @@ def _day_run(scope: Scope, at: datetime) -> str:
     return f"{service}@{at.date().isoformat()}"
 
 
-def _context(data: dict) -> dict:
-    """Work context under its plain names (Gas Town sends `gt.work_rig` on the resource,
-    `work_rig` on `prime` records), and what of CONTEXT_KEYS the item carries."""
+def _plain_work_keys(data: dict) -> None:
+    """Work context under its plain names: Gas Town sends `gt.work_rig` on the resource,
+    `work_rig` on `prime` records."""
     for key in WORK_KEYS:
         if key not in data and f"gt.{key}" in data:
             data[key] = data[f"gt.{key}"]
+
+
+def _context(data: dict) -> dict:
+    """What of CONTEXT_KEYS an item carries (work keys under their plain names)."""
+    _plain_work_keys(data)
     return {
         key: safe_text(str(data[key]))[:MAX_LABEL]
         for key in CONTEXT_KEYS
@@ -1133,7 +1138,7 @@ def log_record(item: LogIn, received: datetime) -> Record:
         data["otel.dropped_attributes_count"] = item.dropped
     if cut:
         data["_truncated"] = True
-    _context(data)
+    _plain_work_keys(data)
     run_id = _run_ref(item.attrs, scope)
     if not run_id:
         run_id = _trace_run(item.trace_id) if item.trace_id else _day_run(scope, ts)
