@@ -84,21 +84,27 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path="/" + name))
 
 
-def create_bench_database(server_url: str, bench_url: str) -> None:
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
+def create_database(server_url: str, name: str) -> str:
+    """A fresh database `name` on the portal's server, migrated by the portal itself;
+    returns its URL. Every benchmark makes its own, never touching the portal's."""
+    url = with_database(server_url, name)
+    # Through the maintenance database: the configured one need not exist yet.
+    with psycopg.connect(with_database(server_url, "postgres"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
         cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": bench_url},
+        env={**os.environ, "DATABASE_URL": url},
         check=True,
     )
+    return url
 
 
-def drop_bench_database(server_url: str) -> None:
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
+def drop_database(server_url: str, *names: str) -> None:
+    with psycopg.connect(with_database(server_url, "postgres"), autocommit=True) as conn:
+        for name in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def reset(conn: psycopg.Connection, *, runs: bool) -> None:
@@ -737,9 +743,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
 
     server_url = configured_url()
-    bench_url = with_database(server_url, BENCH_DB)
     print(f"preparing {BENCH_DB} and {args.events:,} records …", flush=True)
-    create_bench_database(server_url, bench_url)
+    bench_url = create_database(server_url, BENCH_DB)
     os.environ["DATABASE_URL"] = bench_url
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
     import django
@@ -790,7 +795,7 @@ def main() -> int:
 
         connections.close_all()
         if not args.keep_db:
-            drop_bench_database(server_url)
+            drop_database(server_url, BENCH_DB)
     return 0
 
 

@@ -29,7 +29,6 @@ import os
 import platform
 import random
 import signal
-import subprocess
 import sys
 import time
 from datetime import date
@@ -46,13 +45,14 @@ from ingest import (  # noqa: E402  (bench/ingest.py: the portal, CPU meters, ba
     EndToEnd,
     Timing,
     configured_url,
+    create_database,
     drive,
+    drop_database,
     phase_copy,
     postmaster_pid,
     redis_reachable,
     running_portal,
     server_settings,
-    with_database,
 )
 
 BENCH_DB = "runlens_bench_otlp"
@@ -60,24 +60,6 @@ TARGET_SPANS = 15_000  # SPEC §9: spans/s, real SDK exporter -> stored
 TABLES = "runs_event, telemetry_span, runs_runmetric, telemetry_ingestbatch, runs_run"
 AGENTS = ("Toast", "Shadow", "Furiosa", "Nux", "Slit", "Capable")
 EVENTS = ("bd.call", "bd.call", "bd.call", "mail", "sling", "prime", "nudge", "agent.event")
-
-
-def create_database(server_url: str, bench_url: str) -> None:
-    # Through the maintenance database: the configured one need not exist yet.
-    with psycopg.connect(with_database(server_url, "postgres"), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": bench_url},
-        check=True,
-    )
-
-
-def drop_database(server_url: str) -> None:
-    with psycopg.connect(with_database(server_url, "postgres"), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
 
 
 def reset(conn: psycopg.Connection) -> None:
@@ -343,9 +325,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     server_url = configured_url()
-    bench_url = with_database(server_url, BENCH_DB)
     print(f"preparing {BENCH_DB}, {args.logs:,} log records and {args.spans:,} spans …")
-    create_database(server_url, bench_url)
+    bench_url = create_database(server_url, BENCH_DB)
     os.environ["DATABASE_URL"] = bench_url
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
     import django
@@ -442,7 +423,7 @@ def main() -> int:
 
         connections.close_all()
         if not args.keep_db:
-            drop_database(server_url)
+            drop_database(server_url, BENCH_DB)
     return 0
 
 

@@ -24,7 +24,6 @@ import io
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -36,7 +35,11 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(ROOT))  # the portal's packages; bench/ itself is sys.path[0]
 
-from ingest import configured_url, with_database  # noqa: E402  (bench/ingest.py)
+from ingest import (  # noqa: E402  (bench/ingest.py)
+    configured_url,
+    drop_database,
+)
+from ingest import create_database as create_empty_database  # noqa: E402
 
 BENCH_DB = "runlens_bench_reads"
 SMALL_DB = BENCH_DB + "_small"
@@ -49,17 +52,8 @@ CONCURRENT = 16  # runs whose events interleave on disk, as parallel agents' do
 
 
 def create_database(server_url: str, name: str) -> str:
-    """A fresh database migrated by the portal itself; returns its URL."""
-    url = with_database(server_url, name)
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": url},
-        check=True,
-    )
+    """A fresh migrated database with the one project the seeds use; returns its URL."""
+    url = create_empty_database(server_url, name)
     with psycopg.connect(url) as conn:
         conn.execute(
             "INSERT INTO runs_project (id, name, slug, public_key, allowed_origins,"
@@ -70,9 +64,7 @@ def create_database(server_url: str, name: str) -> str:
 
 
 def drop_databases(server_url: str) -> None:
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        for name in (BENCH_DB, SMALL_DB):
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_database(server_url, BENCH_DB, SMALL_DB)
 
 
 # --- Seeding -------------------------------------------------------------------
