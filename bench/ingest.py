@@ -236,6 +236,7 @@ def build_workload(events: int, batch: int) -> Workload:
     assert rejected == 0 and len(pairs) == events
     for raw, rec in pairs:
         ingest.scrub(raw, rec)
+        rec.fields()  # the ORM baseline gets the data parsed, for free
     return Workload(records, batches, [rec for _, rec in pairs], raw_bytes)
 
 
@@ -643,13 +644,13 @@ def stage_costs(work: Workload, sample: int) -> list[tuple[str, float]]:
     raw: list[bytes] = []
     timed("request: gunzip (read_body)", lambda: ingest.read_body(io.BytesIO(gz), "gzip", 1 << 30))
     ingest.read_body(io.BytesIO(gz), "gzip", 1 << 30, raw)
-    timed("request: judge lines (parse_body)", lambda: ingest.parse_body(body))
+    timed("request: judge lines (judge_body)", lambda: ingest.judge_body(body))
     spooled = timed(
         "request: spool (gzip kept as sent)", lambda: ingest.spool_body(body, "gzip", raw)
     )
     timed("worker: unspool (gunzip)", lambda: ingest.unspool_body(spooled))
 
-    pairs = timed("worker: parse_body", lambda: ingest.parse_body(body))[0]
+    pairs = timed("worker: parse_body (with the body scan)", lambda: ingest.parse_body(body))[0]
     timed("worker: scrub", lambda: [ingest.scrub(raw_line, rec) for raw_line, rec in pairs])
     rows = [rec for _, rec in pairs]
     runs: dict[str, Run] = {}

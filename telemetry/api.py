@@ -7,7 +7,7 @@ from django.http import HttpRequest, JsonResponse
 from ninja import Router, Schema, Status
 
 from portal.api import project_auth
-from runs.ingest import IngestError, gc_paused, parse_body, read_body, spool_body
+from runs.ingest import IngestError, gc_paused, judge_body, read_body, spool_body
 from telemetry.models import IngestBatch
 
 router = Router(tags=["ingest"])
@@ -94,16 +94,12 @@ def ingest_events(request: HttpRequest, run_id: str = ""):
         if not body.strip():
             return _error(400, "empty body: send one JSON record per line")
         with gc_paused():
-            pairs, rejected, errors = parse_body(
+            accepted, rejected, errors = judge_body(
                 body,
                 run_id,
                 settings.INGEST_MAX_LINE_BYTES,
                 settings.INGEST_MAX_ERRORS_REPORTED,
             )
-            # Only the count is kept (the worker parses the spooled body again); the
-            # records go now, before the collector resumes and would walk them.
-            accepted = len(pairs)
-            del pairs
     except IngestError as exc:
         return _error(exc.status, exc.message)
 
