@@ -22,7 +22,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import cache
 from typing import Annotated, Any
@@ -1142,9 +1142,12 @@ def store_records(project: Project, pairs: list[tuple[bytes | None, Record]]) ->
     Must run inside a transaction: the caller commits it together with the batch state.
     """
     records = []
+    append = records.append
     for raw, rec in pairs:
-        scrub(raw, rec)
-        records.append(rec)
+        # Most records need nothing (the body scan found nothing to walk): skip the call.
+        if rec.walk is not False or len(rec.message) > MAX_MESSAGE:
+            scrub(raw, rec)
+        append(rec)
     if not records:
         return 0
     states = _resolve_runs(project, records)
@@ -1180,14 +1183,24 @@ SET events = runs_eventcount.events + excluded.events,
 """
 
 
+_MINUTE = timedelta(minutes=1)
+
+
 def _count_events(project: Project, records: list[Record]) -> None:
     """Add the batch to the per-minute event counts (EventCount), in minute order so two
     workers upserting the same minutes lock them in the same order."""
     minutes: dict[int, list[int]] = {}
+    # Records come mostly in time order: compare with the current minute's bounds
+    # and compute a key only when a record falls outside them.
+    low = high = None
+    counts = [0, 0]
     for rec in records:
-        counts = minutes.get(key := int(rec.ts.timestamp()) // 60)
-        if counts is None:
-            counts = minutes[key] = [0, 0]
+        ts = rec.ts
+        if low is None or not low <= ts < high:
+            key = int(ts.timestamp()) // 60
+            low = datetime.fromtimestamp(key * 60, UTC)
+            high = low + _MINUTE
+            counts = minutes.get(key) or minutes.setdefault(key, [0, 0])
         counts[0] += 1
         if rec.level == "error":
             counts[1] += 1
@@ -1262,12 +1275,13 @@ def _store_batch(batch_id: int) -> bool:
             # would make a second worker skip every other batch of the same project.
             IngestBatch.objects.select_for_update(skip_locked=True, of=("self",))
             .select_related("project")
+            .defer("body")
             .filter(pk=batch_id, state=IngestBatch.State.PENDING)
             .first()
         )
         if batch is None:
             return False  # done already, or another worker holds it right now
-        body = unspool_body(bytes(batch.body))
+        body = unspool_body(batch.unspooled())
         stored = import_string(BATCH_HANDLERS[batch.kind])(batch, body)
         batch.state = IngestBatch.State.DONE
         batch.processed_at = timezone.now()

@@ -5,11 +5,12 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.postgres.indexes import BrinIndex
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connection, models, transaction
 from django.db.models import Q
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
+from portal.db import fetch_bytes, server_bound_cursor
 from runs.models import Project
 
 logger = logging.getLogger(__name__)
@@ -116,15 +117,40 @@ class IngestBatch(models.Model):
         }
         if received_at is not None:
             fields["received_at"] = received_at
+        batch = cls(**fields)
         try:
             with transaction.atomic():
-                batch = cls.objects.create(**fields)
+                batch._insert_bound()
                 batch.enqueue()
         except IntegrityError:
             if idempotency_key is None:
                 raise
             return cls.objects.get(project=project, idempotency_key=idempotency_key)
         return batch
+
+    def _insert_bound(self) -> None:
+        """INSERT this new batch as `save()` would, with its body bound as binary
+        (see portal.db.server_bound_cursor: ~4 ms of server time a request less)."""
+        fields = [f for f in self._meta.concrete_fields if not f.primary_key]
+        values = [f.get_db_prep_save(f.pre_save(self, True), connection) for f in fields]
+        qn = connection.ops.quote_name
+        sql = (
+            f"INSERT INTO {qn(self._meta.db_table)} ({', '.join(qn(f.column) for f in fields)})"
+            f" VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {qn(self._meta.pk.column)}"
+        )
+        with server_bound_cursor() as cursor:
+            cursor.execute(sql, values)
+            self.pk = cursor.fetchone()[0]
+        self._state.adding = False
+        self._state.db = connection.alias
+
+    def unspooled(self) -> bytes:
+        """The body as spooled, read in binary (see portal.db.fetch_bytes)."""
+        body = fetch_bytes(
+            f"SELECT body FROM {connection.ops.quote_name(self._meta.db_table)} WHERE id = %s",
+            [self.pk],
+        )
+        return body or b""
 
     def enqueue(self) -> None:
         """Hand the batch to a worker once it is committed.
