@@ -35,6 +35,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 from django.utils.module_loading import import_string
+from isal import isal_zlib
 
 from runs.ids import uuid7
 from runs.models import TERMINAL_PHASES, ModelPrice, PriceBook, Project, Run
@@ -146,7 +147,8 @@ def read_body(stream, encoding: str, limit: int, raw: list[bytes] | None = None)
     if encoding in ("", "identity"):
         decompressor = None
     elif encoding in ("gzip", "x-gzip"):
-        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        # ISA-L inflates gzip ~3x faster than zlib, with zlib's interface.
+        decompressor = isal_zlib.decompressobj(16 + zlib.MAX_WBITS)
     elif encoding == "deflate":
         decompressor = zlib.decompressobj(32 + zlib.MAX_WBITS)  # zlib or gzip header
     else:
@@ -178,8 +180,8 @@ def read_body(stream, encoding: str, limit: int, raw: list[bytes] | None = None)
                         # Several gzip members one after the other (`cat a.gz b.gz`, a
                         # shipper appending): each is read, as gunzip reads them.
                         data = decompressor.unused_data
-                        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            except zlib.error:
+                        decompressor = isal_zlib.decompressobj(16 + zlib.MAX_WBITS)
+            except (zlib.error, isal_zlib.error):
                 if encoding == "deflate" and raw_seen == len(chunk) and not out:
                     # Some clients send raw deflate without the zlib header.
                     decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -214,7 +216,8 @@ def unspool_body(data: bytes) -> bytes:
     """
     parts = []
     while data:
-        decompressor = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        # ISA-L inflates ~3x faster than zlib; the body was checked by the request.
+        decompressor = isal_zlib.decompressobj(32 + zlib.MAX_WBITS)
         parts.append(decompressor.decompress(data))
         data = decompressor.unused_data
     return b"".join(parts)
