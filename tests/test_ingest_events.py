@@ -53,6 +53,26 @@ def test_it_judges_lines_one_by_one_and_keeps_the_good_ones(post_events):
     assert Event.objects.count() == 2
 
 
+def test_timestamps_with_any_offset_python_reads_are_stored_as_the_same_instant(post_events):
+    # PostgreSQL refuses offsets beyond ±15:59: such a record once failed its whole
+    # batch at COPY time, after the request had accepted it.
+    body = ndjson(
+        record("a.far_east", ts="2026-04-21T20:00:00+16:00"),
+        record("a.plain", ts="2026-04-21T05:00:00.250+05:30"),
+        record("a.edge", ts="9999-12-31T23:00:00-05:00"),
+        record("a.epoch", ts=1_776_747_600),
+    )
+    response = post_events(body, run_id="r1")
+    answer = response.json()
+    assert (answer["accepted"], answer["rejected"]) == (3, 1)
+    assert answer["errors"] == [{"line": 3, "error": "ts: year out of range"}]
+    assert IngestBatch.objects.get(pk=answer["batch"]).state == "done"
+    stored = dict(Event.objects.values_list("event", "ts"))
+    assert stored["a.far_east"].isoformat() == "2026-04-21T04:00:00+00:00"
+    assert stored["a.plain"].isoformat() == "2026-04-20T23:30:00.250000+00:00"
+    assert stored["a.epoch"].isoformat() == "2026-04-21T05:00:00+00:00"
+
+
 def test_it_accepts_a_json_array(post_events):
     body = json.dumps([record("run.begin"), record("run.exit_clean")]).encode()
     response = post_events(body, run_id="r1", content_type="application/json")

@@ -312,3 +312,55 @@ def test_the_body_scan_finds_every_line_the_line_search_finds(seed):
             assert number in found, line
         else:
             assert number not in found, line
+
+
+TIMESTAMPS = [
+    "2026-04-21T05:00:01.945+00:00",
+    "2026-04-21T05:00:01Z",
+    "2026-04-21 05:00:01.5+05:30",
+    "2026-04-21T05:00:01.123456-15:59",
+    "2026-04-21T23:59:59.999999+15:59",
+    "2026-04-21T05:00:01.945+16:00",
+    "2026-04-21T05:00:01.1234567+00:00",
+    "2026-04-21T05:00:01,945+00:00",
+    "2026-04-21T05:00:01",
+    "2026-04-21T05:00",
+    "2026-04-21",
+    "20260421T050001Z",
+    "2026-W17-2T05:00:01Z",
+    "2026-04-21T05:00:01.945+00:00:30",
+    "١٩٧٠-01-01T00:00:00Z",
+    "1970-01-01T00:00:00Z",
+    "9999-12-31T23:59:59.999999Z",
+]
+
+
+def test_timestamps_written_as_sent_are_the_instants_python_read(db):
+    """copy_rows sends the client's text for plain ISO timestamps: PostgreSQL must
+    read each as the same instant, and anything else must be written by isoformat."""
+    from django.db import connection
+
+    written, expected = [], []
+    for text in TIMESTAMPS:
+        try:
+            ts = ingest._parse_ts(text)
+        except LineError:
+            continue
+        line = line_of({**BASE, "ts": text})
+        record = ingest._fast_record(line, "")
+        assert record is not None and record.ts == ts and record.ts_text == text
+        record.run = type("R", (), {"id": 1})()
+        copied = ingest.copy_rows([record]).decode().split("\t")[1]
+        assert copied == text or copied == ts.isoformat()
+        written.append(copied)
+        expected.append(ts)
+    assert len(written) > 8 and any(
+        w != e.isoformat() for w, e in zip(written, expected, strict=True)
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT array_agg(t::timestamptz = e ORDER BY n)"
+            " FROM unnest(%s::text[], %s::timestamptz[]) WITH ORDINALITY AS u(t, e, n)",
+            [written, expected],
+        )
+        assert cursor.fetchone()[0] == [True] * len(written)
