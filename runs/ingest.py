@@ -1138,28 +1138,30 @@ def _save_runs_sql() -> str:
     fields = [Run._meta.get_field(name) for name in RUN_FIELDS]
     qn = connection.ops.quote_name
     assignments = ", ".join(f"{qn(f.column)} = v.{qn(f.column)}" for f in fields)
-    arrays = ", ".join(f"%s::{f.cast_db_type(connection)}[]" for f in fields)
-    names = ", ".join(qn(f.column) for f in fields)
+    columns = ", ".join(f"{qn(f.column)} {f.db_type(connection)}" for f in fields)
     return (
         f"UPDATE {qn(Run._meta.db_table)} AS r SET {assignments}"
-        f" FROM unnest(%s::bigint[], {arrays}) AS v(id, {names}) WHERE r.id = v.id"
+        f" FROM jsonb_to_recordset(%s::jsonb) AS v(id bigint, {columns}) WHERE r.id = v.id"
     )
 
 
 def _save_runs(runs: list[Run]) -> None:
-    """Write the batch's changes to its runs: one UPDATE … FROM unnest(arrays).
+    """Write the batch's changes to its runs: one UPDATE … FROM jsonb_to_recordset.
 
     The same as `Run.objects.bulk_update(runs, RUN_FIELDS)`, which builds a
-    CASE WHEN per run and field in Python: ~4 ms a run, a third of the worker's
-    time on a 5,000-line batch that touches ~30 runs. Values are prepared by the
-    fields themselves, as the ORM would.
+    CASE WHEN per run and field in Python (~4 ms a run). The rows travel as one
+    JSON document orjson writes in C; PostgreSQL reads each value with its
+    column's type (a Decimal as its exact text, times in ISO 8601). Updated in
+    id order, the order the runs were locked in.
     """
-    fields = [Run._meta.get_field(name) for name in RUN_FIELDS]
-    params: list[list] = [[run.pk for run in runs]]
-    for f in fields:
-        params.append([f.get_db_prep_save(getattr(run, f.attname), connection) for run in runs])
+    attnames = ["id", *(Run._meta.get_field(name).attname for name in RUN_FIELDS)]
+    rows = [{name: getattr(run, name) for name in attnames} for run in sorted(runs, key=_pk)]
     with connection.cursor() as cursor:
-        cursor.execute(_save_runs_sql(), params)
+        cursor.execute(_save_runs_sql(), [orjson.dumps(rows, default=str).decode()])
+
+
+def _pk(run: Run) -> int:
+    return run.pk
 
 
 def store_records(project: Project, pairs: list[tuple[bytes | None, Record]]) -> int:
