@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 from django.db import connection
 from django.db.backends.postgresql.base import ServerBindingCursor
+from django.db.models import Model
 
 
 @contextmanager
@@ -42,3 +44,39 @@ def fetch_bytes(sql: str, params: list) -> bytes | None:
         cursor.cursor.execute(sql, params, binary=True)
         row = cursor.cursor.fetchone()
     return None if row is None else bytes(row[0])
+
+
+def insert_rows(model: type[Model], objs: list[Model]) -> list[Model]:
+    """INSERT new instances of `model` in one statement, setting their primary keys.
+
+    What `bulk_create` does, with the rows travelling as one JSON document orjson
+    writes in C, read by `jsonb_to_recordset` with each column's type. Django's
+    bulk_create sends one array a column, dumped and quoted in Python: ~200 µs a
+    row for a wide model such as ErrorReport. Values must be JSON (text, numbers,
+    times, JSON fields; Decimals travel as their text): no binary fields.
+    """
+    if not objs:
+        return objs
+    meta = model._meta
+    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    rows = []
+    for number, obj in enumerate(objs):
+        row = {f.column: f.pre_save(obj, True) for f in fields}
+        row["_n"] = number
+        rows.append(row)
+    qn = connection.ops.quote_name
+    columns = ", ".join(qn(f.column) for f in fields)
+    types = ", ".join(f"{qn(f.column)} {f.db_type(connection)}" for f in fields)
+    sql = (
+        f"INSERT INTO {qn(meta.db_table)} ({columns})"
+        f" SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS v({types}, _n int)"
+        f" ORDER BY _n RETURNING {qn(meta.pk.column)}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [orjson.dumps(rows, default=str).decode()])
+        ids = [row[0] for row in cursor.fetchall()]
+    for obj, pk in zip(objs, ids, strict=True):
+        obj.pk = pk
+        obj._state.adding = False
+        obj._state.db = connection.alias
+    return objs

@@ -32,6 +32,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from portal.db import insert_rows
 from portal.logging import request_id_var
 from runs.ingest import MAX_STRING, _redact_match, _Scrubber
 from runs.models import Project
@@ -363,7 +364,7 @@ def store(project: Project, occurrences: Iterable[Occurrence]) -> list[ErrorRepo
                 )
             kept = by_print[fp][-REPORTS_PER_GROUP_PER_CALL:]
             reports.extend(occ.report(group_id, project.pk) for occ in kept)
-        return ErrorReport.objects.bulk_create(reports)
+        return insert_rows(ErrorReport, reports)
 
 
 # --- From agent events ----------------------------------------------------------
