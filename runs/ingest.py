@@ -792,32 +792,38 @@ _TOKENS_IN = ("tokens_in", "input_tokens", "prompt_tokens")
 _TOKENS_OUT = ("tokens_out", "output_tokens", "completion_tokens")
 
 
-def _first_int(data: dict, usage: dict, keys: tuple[str, ...]) -> int:
-    for source in (data, usage):
-        for key in keys:
-            value = source.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                return min(value, 2**40)
+def _first_int(data: dict, usage: dict, keys: tuple[str, str, str]) -> int:
+    """The first count found under `keys`, in `data` then in `usage` (runs per LLM call)."""
+    a, b, c = keys
+    for value in (data.get(a), data.get(b), data.get(c), usage.get(a), usage.get(b), usage.get(c)):
+        # type() is: bool (an int subclass) is not a count.
+        if type(value) is int and value >= 0:
+            return value if value < _MAX_TOKENS else _MAX_TOKENS
     return 0
+
+
+_MAX_TOKENS = 2**40
+_MAX_COST = Decimal(10**7)
+_NO_USAGE: dict = {}
 
 
 def _usage(data: dict) -> tuple[int, int, Decimal | None]:
     """Tokens in/out and cost of an `llm.call` record (flat fields or a `usage` object)."""
     usage = data.get("usage")
-    if not isinstance(usage, dict):
-        usage = {}
+    if type(usage) is not dict:
+        usage = _NO_USAGE
     tokens_in = _first_int(data, usage, _TOKENS_IN)
     tokens_out = _first_int(data, usage, _TOKENS_OUT)
-    cost = None
     raw_cost = data.get("cost_usd", usage.get("cost_usd"))
-    if isinstance(raw_cost, (int, float, str)) and not isinstance(raw_cost, bool):
+    kind = type(raw_cost)
+    if kind is float or kind is int or kind is str:
         try:
-            cost = Decimal(str(raw_cost))
-            if not cost.is_finite() or not 0 <= cost < 10**7:
-                cost = None
+            cost = Decimal(raw_cost if kind is str else repr(raw_cost))
         except InvalidOperation:
-            cost = None
-    return tokens_in, tokens_out, cost
+            return tokens_in, tokens_out, None
+        if cost.is_finite() and 0 <= cost < _MAX_COST:
+            return tokens_in, tokens_out, cost
+    return tokens_in, tokens_out, None
 
 
 # Enum members looked up once, not per record.
