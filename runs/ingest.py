@@ -107,7 +107,11 @@ _BODY_WALK_HINT = re2.compile(
     rb"|\\u(?:0000|d|00[2-7])|\xef\xbf\xbd"
     # Numbers orjson refuses (beyond 64 bits, beyond a double), which the lenient
     # parser reads: a line holding one is read the slow way, as before.
-    rb"|[:,\[ \t\r]-?[0-9]+(?:\.[0-9]+)?(?:[0-9]{18}|e[+\-]?[0-9]{3})",
+    rb"|[:,\[ \t\r]-?[0-9]+(?:\.[0-9]+)?(?:[0-9]{18}|e[+\-]?[0-9]{3})"
+    # More brackets than MAX_DEPTH in a line: it may nest too deep (counted here in
+    # the same pass rather than by two bytes.count a line).
+    + rb"|(?:[^\n{\[]*[{\[]){%d}"
+    % (MAX_DEPTH + 1),
     _RE2_LATIN1,
 )
 _SECRET_VALUE = re.compile(
@@ -633,10 +637,11 @@ def _read_lines(
             if not line:
                 continue
             if not slow:
-                # Long or deep lines: scrub walks them; and the parsers' recursion
-                # limits differ, so the verdict on deep ones is the slow path's.
+                # Long lines: scrub walks them. Deep ones (the scan finds those with
+                # more than MAX_DEPTH brackets): the parsers' recursion limits
+                # differ, so the verdict on them is the slow path's.
                 slow = len(line) > MAX_STRING or (
-                    line.count(b"{") + line.count(b"[") > (MAX_DEPTH if scan else 256)
+                    not scan and len(line) > 512 and line.count(b"{") + line.count(b"[") > 256
                 )
             record = None if slow else _fast_record(line, default_run_id)
             if record is None:
