@@ -510,9 +510,17 @@ def _fast_record(line: bytes, default_run_id: str) -> Record | None:
         data, data_json = {}, None
     else:
         return None
+    value = s.ts
+    ts_text = None
     try:
-        ts = _parse_ts(s.ts)
-    except LineError:
+        if type(value) is str:
+            ts_text = value
+            ts = _fromisoformat(value)  # the usual case, inline; anything else below
+            if ts.tzinfo is not UTC or not 1970 <= ts.year <= 9999:
+                ts = _parse_ts(value)
+        else:
+            ts = _parse_ts(value)
+    except ValueError:  # LineError included: the slow path words the error
         return None
     return Record(
         ts,
@@ -529,9 +537,15 @@ def _fast_record(line: bytes, default_run_id: str) -> Record | None:
         s.request_id or "",
         s.trace_id or "",
         s.span_id or "",
-        data_json=data_json,
-        ts_text=s.ts if type(s.ts) is str else None,
+        False,
+        False,
+        None,
+        data_json,
+        ts_text,
     )
+
+
+_fromisoformat = datetime.fromisoformat
 
 
 def _array_items(body: bytes) -> list:
@@ -622,26 +636,28 @@ def _read_lines(
     next_hint, hint_index = hints[0], 0
     end = -1  # offset of the newline that ends the current line
     for number, line in enumerate(body.split(b"\n"), 1):
-        start = end + 1
-        end = start + len(line)
+        size = len(line)
         slow = not fast
-        if next_hint < end:  # the body scan found something in this line
-            slow = True
-            while next_hint < end:
-                hint_index += 1
-                next_hint = hints[hint_index]
+        if scan:
+            start = end + 1
+            end = start + size
+            if next_hint < end:  # the body scan found something in this line
+                slow = True
+                while next_hint < end:
+                    hint_index += 1
+                    next_hint = hints[hint_index]
         try:
-            if len(line) > max_line:
+            if size > max_line:
                 raise LineError(f"line longer than {max_line} bytes")
             line = line.strip()
             if not line:
                 continue
-            if not slow:
+            if not slow and size > 512:
                 # Long lines: scrub walks them. Deep ones (the scan finds those with
                 # more than MAX_DEPTH brackets): the parsers' recursion limits
                 # differ, so the verdict on them is the slow path's.
                 slow = len(line) > MAX_STRING or (
-                    not scan and len(line) > 512 and line.count(b"{") + line.count(b"[") > 256
+                    not scan and line.count(b"{") + line.count(b"[") > 256
                 )
             record = None if slow else _fast_record(line, default_run_id)
             if record is None:
