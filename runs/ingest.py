@@ -366,8 +366,13 @@ class Record(msgspec.Struct, gc=False):
     ts_text: str | None = None
     run: Run | None = None
 
-    def fields(self) -> dict:
-        """The data object, parsed from `data_json` on first use."""
+    def fields(self, read_only: bool = False) -> dict:
+        """The data object, parsed from `data_json` on first use.
+
+        `data_json` is what COPY writes while it is set: a caller that may change
+        the object drops it (the default); `read_only` keeps it, so data that is
+        only read is not written out again.
+        """
         data = self.data
         if data is None:
             try:
@@ -380,7 +385,10 @@ class Record(msgspec.Struct, gc=False):
                 data = scrubber.walk(_lenient_loads(self.data_json), 0)
                 if scrubber.truncated:
                     data["_truncated"] = True
-            self.data, self.data_json = data, None
+                read_only = False
+            self.data = data
+        if not read_only:
+            self.data_json = None
         return data
 
 
@@ -853,7 +861,7 @@ _SUCCEEDED, _FAILED, _CRASHED = Run.Status.SUCCEEDED, Run.Status.FAILED, Run.Sta
 
 
 def _exit_code(rec: Record) -> int | None:
-    code = rec.fields().get("exit_code")
+    code = rec.fields(read_only=True).get("exit_code")
     return code if isinstance(code, int) and -(2**31) <= code < 2**31 else None
 
 
@@ -937,7 +945,7 @@ class _RunState:
             run.status = _RUNNING  # it spoke again: not dead after all
 
         if name == "phase.start":
-            phase = rec.fields().get("phase")
+            phase = rec.fields(read_only=True).get("phase")
             if not isinstance(phase, str):
                 phase = rec.phase
             if phase:
@@ -959,7 +967,7 @@ class _RunState:
             run.finish(status, rec.ts, _exit_code(rec))
 
         if name == "llm.call":
-            data = rec.fields()
+            data = rec.fields(read_only=True)
             tokens_in, tokens_out, cost = _usage(data)
             if cost is None and (tokens_in or tokens_out):
                 # The client sent no cost: price the call at the price valid when it
@@ -968,6 +976,7 @@ class _RunState:
                 if isinstance(model, str):
                     cost = self.prices.cost(model, tokens_in, tokens_out, rec.ts)
                     if cost is not None:
+                        data = rec.fields()  # changed: written from the object
                         data["cost_usd"] = float(cost)
                         data["_cost_computed"] = True
             self.tokens_in += tokens_in
@@ -1124,7 +1133,9 @@ def copy_rows(records: list[Record]) -> bytes:
             ts = rec.ts.isoformat()
         append(f"{rec.run.id}\t{ts}\t{rec.seq}\t{rec.level}\t{text}\t".encode())
         # JSON escapes control characters itself; COPY needs its backslashes doubled.
-        data = rec.data_json if rec.data is None else dumps(rec.data, default=str)
+        data = rec.data_json
+        if data is None:
+            data = dumps(rec.data, default=str)
         append(data.replace(b"\\", b"\\\\"))
         if rec.request_id or rec.trace_id or rec.span_id:
             ids = (copy_text(rec.request_id), copy_text(rec.trace_id), copy_text(rec.span_id))

@@ -389,7 +389,7 @@ def record_event_errors(project: Project, records: list) -> int:
     fallback_request = request_id_var.get()  # the ingest request's, set by portal.celery
     occurrences = []
     for rec in chosen:
-        data = rec.fields()
+        data = rec.fields(read_only=True)
         error = data.get("error")
         if isinstance(error, dict):  # {"type": …, "message": …, "stack": …}
             kind, detail = _text(error.get("type")), _text(error.get("message"))
