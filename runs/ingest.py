@@ -3,14 +3,17 @@
 Two halves share one judge (`normalize`), so a line the request counted as
 accepted is exactly a line the worker stores:
 
-* the request (`read_body`, `parse_body`) decompresses within limits and judges
+* the request (`read_body`, `judge_body`) decompresses within limits and judges
   each line, then the raw body is spooled as an IngestBatch;
-* the worker (`process_batch`) parses the spooled body again, scrubs secrets and
-  unsafe characters, resolves runs, assigns `seq`, and writes events with one
-  `COPY` in the same transaction that marks the batch done.
+* the worker (`process_batch`) parses the spooled body again (`parse_body`),
+  scrubs secrets and unsafe characters, resolves runs, assigns `seq`, and writes
+  events with one `COPY` in the same transaction that marks the batch done.
 
-Expensive walks over the data (redaction, NUL/surrogate cleaning, depth and
-length bounds) run only when a cheap test on the raw line says they may matter.
+Lines of the usual shape take a shortcut to the same verdict and record
+(`_fast_record`, msgspec), their data kept as the JSON it came in until
+something reads it. Expensive walks over the data (redaction, NUL/surrogate
+cleaning, depth and length bounds) run only when a scan of the body (the worker)
+or of the raw line says they may matter. docs/performance.md tells the costs.
 """
 
 from __future__ import annotations
