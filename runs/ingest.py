@@ -84,7 +84,8 @@ _REDACT_HINT = re.compile(
     rb"|\\u00[2-7]"
 )
 # What decides whether a line is walked at all: _REDACT_HINT plus what needs
-# cleaning (NUL, lone surrogates, U+FFFD), run on every line. It matches the
+# cleaning (NUL, lone surrogates, U+FFFD), run on a line when no scan of its body
+# decided already (the lines the worker's scan sent the slow way). It matches the
 # same lines, written for speed: Python's re tries the whole alternation at each
 # byte that can start a branch, so each branch starts at its rarest byte (w, k,
 # z, /, …) and checks what comes before with a lookbehind. 2.4x faster.
