@@ -1107,11 +1107,16 @@ def copy_text(value: str) -> str:
 # A timestamp in the ISO 8601 extended form both Python and PostgreSQL read the same
 # way (hours, offsets and fractions within PostgreSQL's bounds): copy_rows then
 # sends the client's text as is, instead of `isoformat()` (~1 µs a record).
-_PLAIN_TS = re.compile(
+_PLAIN_TS_PATTERN = (
     r"\d{4}-\d\d-\d\d[T ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?"
-    r"(?:Z|[+-](?:0\d|1[0-5]):[0-5]\d)",
-    re.ASCII,
-).fullmatch
+    r"(?:Z|[+-](?:0\d|1[0-5]):[0-5]\d)"
+)
+_PLAIN_TS = re.compile(_PLAIN_TS_PATTERN, re.ASCII).fullmatch
+# The same test for a whole batch at once, on its timestamps joined by newlines
+# (half the cost of one call a record); a batch that fails it is tested record by
+# record.
+_PLAIN_TS_LINES = re.compile(f"(?:{_PLAIN_TS_PATTERN}\n)*{_PLAIN_TS_PATTERN}", re.ASCII).fullmatch
+_ANY_PLAIN_TS = "1970-01-01T00:00:00Z"  # stands for a record without ts_text
 
 COPY_EVENTS = (
     "COPY runs_event (run_id, ts, seq, level, event, phase, message, data,"
@@ -1129,13 +1134,16 @@ def copy_rows(records: list[Record]) -> bytes:
     parts: list[bytes] = []
     append = parts.append
     dumps = orjson.dumps
+    texts = "\n".join([rec.ts_text or _ANY_PLAIN_TS for rec in records])
+    # No text holds a line break (that would fool the joined test), and all are plain.
+    all_plain = texts.count("\n") == len(records) - 1 and _PLAIN_TS_LINES(texts) is not None
     plain_ts = _PLAIN_TS
     for rec in records:
         text = f"{rec.event}\t{rec.phase}\t{rec.message}"
         if "\\" in text or "\n" in text or "\r" in text or text.count("\t") != 2:
             text = "\t".join((copy_text(rec.event), copy_text(rec.phase), copy_text(rec.message)))
         ts = rec.ts_text
-        if ts is None or plain_ts(ts) is None:
+        if ts is None or not (all_plain or plain_ts(ts)):
             ts = rec.ts.isoformat()
         append(f"{rec.run.id}\t{ts}\t{rec.seq}\t{rec.level}\t{text}\t".encode())
         # JSON escapes control characters itself; COPY needs its backslashes doubled.

@@ -344,7 +344,7 @@ def test_timestamps_written_as_sent_are_the_instants_python_read(db):
     read each as the same instant, and anything else must be written by isoformat."""
     from django.db import connection
 
-    written, expected = [], []
+    written, expected, records = [], [], []
     for text in TIMESTAMPS:
         try:
             ts = ingest._parse_ts(text)
@@ -358,6 +358,13 @@ def test_timestamps_written_as_sent_are_the_instants_python_read(db):
         assert copied == text or copied == ts.isoformat()
         written.append(copied)
         expected.append(ts)
+        records.append(record)
+    # A batch is tested at once when every timestamp is plain, else one by one.
+    together = [row.split("\t")[1] for row in ingest.copy_rows(records).decode().splitlines()]
+    assert together == written
+    plain = [r for r, w in zip(records, written, strict=True) if w == r.ts_text]
+    together = [row.split("\t")[1] for row in ingest.copy_rows(plain).decode().splitlines()]
+    assert together == [r.ts_text for r in plain] and len(plain) > 4
     assert len(written) > 8 and any(
         w != e.isoformat() for w, e in zip(written, expected, strict=True)
     )
