@@ -229,13 +229,15 @@ def stored_rows(requests: list, project) -> list:
 
     from runs.ingest import scrub
     from runs.models import Run
-    from telemetry import otlp
+    from telemetry.otlp.codec import decode
+    from telemetry.otlp.items import LOGS
+    from telemetry.otlp.mapping import log_record
 
     now = timezone.now()
     rows = []
     for request in requests:
-        decoded = otlp.decode(otlp.LOGS, request.SerializeToString(), False)
-        rows.extend(otlp.log_record(item, now) for item in decoded.items)
+        decoded = decode(LOGS, request.SerializeToString(), False)
+        rows.extend(log_record(item, now) for item in decoded.items)
     runs = {}
     for rec in rows:
         scrub(None, rec)

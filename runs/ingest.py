@@ -1334,9 +1334,9 @@ def store_events_batch(batch, body: bytes) -> int:
 BATCH_HANDLERS = {
     "events": "runs.ingest.store_events_batch",
     "metrics": "runs.metrics.store_metrics_batch",
-    "otlp_logs": "telemetry.otlp.store_logs_batch",
-    "otlp_metrics": "telemetry.otlp.store_metrics_batch",
-    "otlp_traces": "telemetry.otlp.store_traces_batch",
+    "otlp_logs": "telemetry.otlp.store.store_logs_batch",
+    "otlp_metrics": "telemetry.otlp.store.store_metrics_batch",
+    "otlp_traces": "telemetry.otlp.store.store_traces_batch",
 }
 
 

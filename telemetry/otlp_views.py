@@ -17,8 +17,9 @@ from google.rpc.status_pb2 import Status
 
 from runs.ingest import IngestError, gc_paused, read_body, spool_body
 from runs.models import Project
-from telemetry import otlp, ratelimit
+from telemetry import ratelimit
 from telemetry.models import IngestBatch
+from telemetry.otlp import codec, items
 
 PROTOBUF, JSON = "application/x-protobuf", "application/json"
 # Content type -> is it JSON? (`application/protobuf` is what some clients send.)
@@ -96,16 +97,16 @@ def _export(request: HttpRequest, signal: str) -> HttpResponse:
     try:
         body = read_body(request, encoding, settings.OTLP_MAX_BYTES, raw)
         with gc_paused():
-            decoded = otlp.decode(signal, body, json, full=False)
+            decoded = codec.decode(signal, body, json, full=False)
             accepted = len(decoded.items)
-            answer = otlp.response_body(signal, decoded, json)
+            answer = codec.response_body(signal, decoded, json)
             error = decoded.error_message
             # Only the counts are kept (the worker decodes the spooled body again); the
             # items go now, before the collector resumes and would walk them.
             decoded.items.clear()
     except IngestError as exc:
         return _status(exc.status, INVALID_ARGUMENT, exc.message, json)
-    except otlp.OtlpError as exc:
+    except items.OtlpError as exc:
         return _status(400, INVALID_ARGUMENT, str(exc), json)
 
     if accepted:
@@ -113,7 +114,7 @@ def _export(request: HttpRequest, signal: str) -> HttpResponse:
             IngestBatch.spool(
                 project,
                 spool_body(body, encoding, raw),
-                kind=otlp.BATCH_KIND[signal],
+                kind=items.BATCH_KIND[signal],
                 params={"encoding": "json" if json else "protobuf"},
                 request_id=getattr(request, "request_id", ""),
                 summary={"accepted": accepted, "rejected": decoded.rejected, "error": error[:1000]},
@@ -126,16 +127,16 @@ def _export(request: HttpRequest, signal: str) -> HttpResponse:
 @csrf_exempt
 def export_logs(request: HttpRequest) -> HttpResponse:
     """OTLP logs: each record becomes an event of its run."""
-    return _export(request, otlp.LOGS)
+    return _export(request, items.LOGS)
 
 
 @csrf_exempt
 def export_metrics(request: HttpRequest) -> HttpResponse:
     """OTLP metrics: each data point becomes a run metric."""
-    return _export(request, otlp.METRICS)
+    return _export(request, items.METRICS)
 
 
 @csrf_exempt
 def export_traces(request: HttpRequest) -> HttpResponse:
     """OTLP traces: each span is stored once, whatever the retries."""
-    return _export(request, otlp.TRACES)
+    return _export(request, items.TRACES)

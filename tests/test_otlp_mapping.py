@@ -533,7 +533,7 @@ def test_it_correlates_points_to_runs_and_drops_the_run_label(post_otlp):
 def test_the_request_and_the_worker_reach_the_same_verdicts():
     from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 
-    from telemetry.otlp import decode
+    from telemetry.otlp.codec import decode
 
     exponential = Metric(name="e")
     exponential.exponential_histogram.data_points.add(time_unix_nano=1)
