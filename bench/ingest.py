@@ -56,6 +56,7 @@ from gitoma import make_records, ndjson  # noqa: E402
 
 if TYPE_CHECKING:  # Django is set up in main(), once DATABASE_URL names the bench database
     from runs.ingest import Record
+
     from runs.models import Project
 
 BENCH_DB = "runlens_bench"

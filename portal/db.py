@@ -80,3 +80,33 @@ def insert_rows(model: type[Model], objs: list[Model]) -> list[Model]:
         obj._state.adding = False
         obj._state.db = connection.alias
     return objs
+
+
+def safe_text(value: str) -> str:
+    """`value` as PostgreSQL text accepts it: NUL removed, lone surrogates replaced."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
+
+
+def copy_text(value: str) -> str:
+    """A text field for PostgreSQL's COPY text format (every COPY writer uses this)."""
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        value = (
+            value.replace("\\", "\\\\")
+            .replace("\t", "\\t")
+            .replace("\n", "\\n")
+            .replace("\r", "\\r")
+        )
+    return safe_text(value)  # PostgreSQL text holds neither NUL nor lone surrogates
+
+
+def copy_json(value: Any) -> bytes:
+    """A JSON value for COPY text: JSON escapes control characters itself; COPY needs
+    its backslashes doubled."""
+    return orjson.dumps(value, default=str).replace(b"\\", b"\\\\")

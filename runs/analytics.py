@@ -18,7 +18,7 @@ from django.db.models import F, Q, QuerySet
 from django.db.models.fields.json import KT
 from django.db.models.functions import TruncDate
 
-from runs.ingest import LineError, _parse_ts
+from runs.timestamps import TimestampError, parse_timestamp
 
 MAX_GROUPS = 1000
 EXPORT_CHUNK = 2000  # rows per fetch from the server-side cursor, and per yielded chunk
@@ -48,9 +48,9 @@ def _when(name: str, text: str) -> datetime | None:
     except ValueError:
         value = text
     try:
-        return _parse_ts(value)
-    except LineError as exc:
-        raise QueryError(str(exc).replace("ts:", f"{name}:", 1)) from None
+        return parse_timestamp(value, name)
+    except TimestampError as exc:
+        raise QueryError(str(exc)) from None
 
 
 def points(metrics: QuerySet, name: str = "", slug: str = "", window: Window = Window()):

@@ -13,8 +13,9 @@ from ninja.errors import HttpError
 from pydantic import field_validator
 
 from portal.api import project_auth, read_auth
+from portal.db import safe_text
+from portal.http import BodyError, read_body
 from runs import work_context
-from runs.ingest import IngestError, read_body, safe_text
 from runs.models import (
     Artifact,
     Event,
@@ -235,6 +236,8 @@ def run_events(request: HttpRequest, run_id: str, f: Query[EventFilters]):
             "request_id": e.request_id,
             "trace_id": e.trace_id,
             "span_id": e.span_id,
+            # The portal's price of an unpriced `llm.call`, beside the agent's data.
+            "cost_usd": None if e.cost_usd is None else float(e.cost_usd),
         }
         for e in page
     ]
@@ -298,7 +301,7 @@ def put_artifact(request: HttpRequest, run_id: str, name: str):
     try:
         # Streamed from the socket: Django's DATA_UPLOAD_MAX_MEMORY_SIZE must not decide.
         content = read_body(request, encoding, limit)
-    except IngestError as exc:
+    except BodyError as exc:
         detail = exc.message.replace("body", "artifact")
         raise HttpError(exc.status, detail) from None
     ctype = artifact_content_type(request.headers.get("Content-Type", ""), name)

@@ -196,7 +196,8 @@ FROM (
     {_first(_str("e.data", "model"), "'(unknown)'")} AS model,
     {_tokens(("tokens_in", "input_tokens", "prompt_tokens"))} AS tokens_in,
     {_tokens(("tokens_out", "output_tokens", "completion_tokens"))} AS tokens_out,
-    {_first(_num("e.data", "cost_usd"), _num("e.data->'usage'", "cost_usd"))} AS cost,
+    {_first(_num("e.data", "cost_usd"), _num("e.data->'usage'", "cost_usd"), "e.cost_usd")}
+      AS cost,
     {_first(*(_num("e.data", k) for k in ("latency_ms", "duration_ms", "latency", "duration")))}
       AS ms,
     {_ok("e.data", "e.level")} AS ok

@@ -1,114 +1,21 @@
-"""Metrics endpoints: record (write, spooled like events), aggregate and export (reads)."""
+"""Metrics read endpoints: aggregate and export. (Recording is an ingest receiver:
+telemetry/receivers/metrics.py, routed in telemetry/api.py.)"""
 
 from __future__ import annotations
 
-from django.conf import settings
-from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
-from django.utils import timezone
+from django.http import HttpRequest, StreamingHttpResponse
 from django.utils.text import slugify
 from ninja import Field, Query, Router, Schema, Status
 
-from portal.api import project_auth, read_auth
+from portal.api import read_auth
 from runs import analytics
-from runs.ingest import IngestError, read_body, spool_body
-from runs.metrics import BodyError, parse_metrics
 from runs.models import Project, RunMetric
-from telemetry.models import IngestBatch
 
 router = Router(tags=["metrics"])
-
-METRIC_TYPES = {"application/json", "text/plain"}
-
-
-class ItemErrorOut(Schema):
-    index: int
-    error: str
-
-
-class RecordOut(Schema):
-    accepted: int
-    rejected: int
-    errors: list[ItemErrorOut]
-    batch: int | None
 
 
 class DetailOut(Schema):
     detail: str
-
-
-_RECORD_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": (
-            "One metric `{run_id?, metric_name, metric_value, recorded_at?, labels?, unit?}` "
-            'or a batch `{"metrics": [...]}` (also a plain JSON array). May be sent with '
-            "Content-Encoding gzip or deflate."
-        ),
-        "content": {"application/json": {"schema": {"type": "object"}}},
-    }
-}
-
-
-def _error(status: int, detail: str) -> JsonResponse:
-    return JsonResponse({"detail": detail}, status=status)
-
-
-@router.post(
-    "/metrics/record",
-    auth=project_auth,
-    response={202: RecordOut, 400: RecordOut | DetailOut, 413: DetailOut, 415: DetailOut},
-    openapi_extra=_RECORD_BODY,
-    summary="Record run metrics",
-)
-def record_metrics(request: HttpRequest):
-    """Accept one metric or a batch. Durable before the answer; stored by a worker.
-
-    Each item is judged on its own: good ones are kept, bad ones are listed in
-    `errors` by their index in the batch (0-based). A `run_id` must name a run of
-    this project; an item without one is a fleet metric. Send an `Idempotency-Key`
-    header to make retries of the same request a no-op.
-    """
-    project = request.auth
-    content_type = request.content_type or "application/json"
-    if content_type not in METRIC_TYPES:
-        return _error(415, f"unsupported Content-Type {content_type!r}: send application/json")
-
-    # Keys are unique per project across every spooled kind: namespaced, so an events
-    # request and a metrics request that happen to share a key never answer each other.
-    key = request.headers.get("Idempotency-Key", "").strip()[:190]
-    key = f"metrics:{key}" if key else None
-    if key:
-        earlier = IngestBatch.objects.filter(project=project, idempotency_key=key).first()
-        if earlier is not None:
-            return Status(202, {**earlier.summary, "batch": earlier.id})
-
-    encoding = request.headers.get("Content-Encoding", "")
-    raw: list[bytes] = []
-    received_at = timezone.now()
-    try:
-        body = read_body(request, encoding, settings.INGEST_MAX_BYTES, raw)
-        if not body.strip():
-            return _error(400, 'empty body: send a metric object or {"metrics": [...]}')
-        accepted, rejected, errors, unknown = parse_metrics(
-            project, body, received_at, settings.INGEST_MAX_ERRORS_REPORTED
-        )
-    except (IngestError, BodyError) as exc:
-        return _error(exc.status, exc.message)
-
-    summary = {"accepted": accepted, "rejected": rejected, "errors": errors}
-    if not accepted:
-        return Status(400, {**summary, "batch": None})
-    batch = IngestBatch.spool(
-        project,
-        spool_body(body, encoding, raw),
-        kind=IngestBatch.Kind.METRICS,
-        received_at=received_at,  # the time of items that carry none
-        params={"unknown_runs": unknown} if unknown else {},
-        idempotency_key=key,
-        request_id=getattr(request, "request_id", ""),
-        summary=summary,
-    )
-    return Status(202, {**batch.summary, "batch": batch.id})
 
 
 def metrics_for(request: HttpRequest, project: str = ""):

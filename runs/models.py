@@ -10,19 +10,55 @@ import secrets
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
+from functools import cache
 
+import orjson
 from django.conf import settings
 from django.contrib.postgres.indexes import BrinIndex, GinIndex
-from django.db import models
+from django.db import connection, models
 from django.db.models import Case, Count, F, Func, Q, Value, When
 from django.db.models.functions import Concat, Greatest
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
+from runs.ids import uuid7
+
 TERMINAL_PHASES = frozenset({"DONE", "FAILED"})
-LEVELS = ("debug", "info", "warn", "error")  # in order: a level filter is a minimum
+# The one level table. Stored levels, in order (a level filter is a minimum) …
+LEVELS = ("debug", "info", "warn", "error")
+# … and the names clients use for them (Gitoma records, OTLP severity text, the
+# browser console's `log`, Sentry's `fatal`), matched as sent, then lowered.
+LEVEL_ALIASES = {
+    "debug": "debug",
+    "trace": "debug",
+    "info": "info",
+    "log": "info",
+    "notice": "info",
+    "warn": "warn",
+    "warning": "warn",
+    "error": "error",
+    "err": "error",
+    "fatal": "error",
+    "critical": "error",
+}
+
+
+def run_id_problem(run_id: str) -> str | None:
+    """Why a client's run id cannot be kept, or None.
+
+    Every run is read at `/api/runs/<run_id>` and `/runs/<run_id>/`: an id holding a
+    `/` (or `.`/`..`, which clients resolve away) could be stored but never read back,
+    so such ids are refused where they come in (docs/decisions.md).
+    """
+    if len(run_id) > 128:
+        return "longer than 128 characters"
+    if "/" in run_id:
+        return "must not contain '/' (run ids are part of URLs); use another separator"
+    if run_id in (".", ".."):
+        return "must not be '.' or '..' (run ids are part of URLs)"
+    return None
 
 
 def _hash_token(token: str) -> str:
@@ -101,18 +137,27 @@ SYNTHETIC_RUN_IDS = Q(run_id__regex=r"^trace-[0-9a-f]{32}$") | Q(
 )
 
 
+# A run that showed one of these promised signs of life: its silence means it died.
+LIVENESS_SIGNALS = (
+    Q(watched=True) | Q(last_heartbeat__isnull=False) | Q(pid__isnull=False)
+)
+
+
 class RunQuerySet(models.QuerySet):
     def orphan_candidates(self, now: datetime | None = None) -> RunQuerySet:
         """Running, not cleanly exited, non-terminal phase, silent for too long.
 
         Silence is measured on the newest of the heartbeat and the last event:
         a run that streams events is alive even when its client sends no heartbeat.
-        Synthetic OTLP runs (SYNTHETIC_RUN_IDS) are never candidates.
+        Only runs that promised signs of life are candidates (`watched`: a heartbeat,
+        a pid or `run.begin`); a run known only from OTLP records and spans has no
+        process behind it to die, and synthetic OTLP runs (SYNTHETIC_RUN_IDS) never do.
         """
         now = now or timezone.now()
         cutoff = now - timedelta(seconds=settings.ORPHAN_AFTER_SECONDS)
         return (
             self.filter(status=Run.Status.RUNNING, exit_clean=False)
+            .filter(LIVENESS_SIGNALS)
             .exclude(phase__in=TERMINAL_PHASES)
             .exclude(SYNTHETIC_RUN_IDS)
             .alias(alive_at=Greatest("last_heartbeat", "last_event_at", "started_at"))
@@ -146,6 +191,139 @@ class RunQuerySet(models.QuerySet):
             .exclude(SYNTHETIC_RUN_IDS)
         )
         return [pk for pk, pid in live.values_list("pk", "pid") if not pid_alive(pid)]
+
+    # --- The run writer ---------------------------------------------------------
+    # Every receiver creates, locks and updates runs through these methods, in
+    # set-based SQL: a batch touches its runs in a few statements, whatever its size.
+    # Runs are always locked and updated in id order (and created in run_id order),
+    # so two batches touching the same runs cannot deadlock each other.
+
+    def create_missing(self, project: Project, seeds: dict[str, dict]) -> dict[str, int]:
+        """Create the runs of `seeds` (run_id -> column values) that do not exist yet.
+
+        Returns run_id -> id of the runs this call created. One INSERT … SELECT FROM
+        unnest: `bulk_create(ignore_conflicts=True)` prepares every default of every
+        run in Python (~300 µs a run), and a trace opens a run of its own, so a batch
+        of spans often creates dozens. Seeds give the SEED_COLUMNS they know; the rest
+        take the model's defaults.
+        """
+        if not seeds:
+            return {}
+        sql, constant = _create_runs_sql()
+        template = Run(project=project)
+        params = [f.get_db_prep_save(getattr(template, f.attname), connection) for f in constant]
+        run_ids = sorted(seeds)
+        for name, kind in SEED_COLUMNS.items():
+            if name == "run_id":
+                params.append(run_ids)
+                continue
+            default = getattr(template, name)
+            values = [seeds[run_id].get(name, default) for run_id in run_ids]
+            if kind == "jsonb":
+                values = [orjson.dumps(v or {}).decode() for v in values]
+            params.append(values)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return dict(cursor.fetchall())
+
+    def ids_by_run_id(self, project: Project, run_ids) -> dict[str, int]:
+        """run_id -> id of the project's runs among `run_ids`, in one query."""
+        if not run_ids:
+            return {}
+        runs = self.filter(project=project, run_id__in=list(run_ids))
+        return dict(runs.values_list("run_id", "id"))
+
+    def locked(self, project: Project, run_ids) -> dict[str, Run]:
+        """The project's runs among `run_ids`, locked for the transaction."""
+        runs = self.select_for_update().filter(project=project, run_id__in=list(run_ids))
+        return {run.run_id: run for run in runs.order_by("id")}
+
+    def lock_ids(self, ids) -> None:
+        """Lock runs by id, for updates made in SQL rather than on instances."""
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT id FROM {Run._meta.db_table} WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                [sorted(ids)],
+            )
+
+    def running_run_id(self, project: Project, slug: str) -> str | None:
+        """The newest running run of a slug: where a record naming no run belongs."""
+        runs = self.filter(project=project, slug=slug, status=Run.Status.RUNNING)
+        return runs.order_by("-id").values_list("run_id", flat=True).first()
+
+    def save_batch(self, runs: list[Run]) -> None:
+        """Write what a batch changed on its (locked) runs: one UPDATE … FROM
+        jsonb_to_recordset.
+
+        The same as `bulk_update(runs, BATCH_FIELDS)`, which builds a CASE WHEN per
+        run and field in Python (~4 ms a run). The rows travel as one JSON document;
+        PostgreSQL reads each value with its column's type (a Decimal as its exact
+        text, times in ISO 8601).
+        """
+        if not runs:
+            return
+        attnames = ["id", *(Run._meta.get_field(name).attname for name in BATCH_FIELDS)]
+        rows = [{name: getattr(run, name) for name in attnames} for run in runs]
+        rows.sort(key=lambda row: row["id"])
+        with connection.cursor() as cursor:
+            cursor.execute(_save_batch_sql(), [orjson.dumps(rows, default=str).decode()])
+
+    def add_usage(self, usage: dict[int, RunUsage]) -> None:
+        """Add tokens and cost to runs (metrics); duration and exit code fill a gap
+        only, since the run's own events decide them first."""
+        if not usage:
+            return
+        ids = sorted(usage)
+        rows = [usage[i] for i in ids]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _ADD_USAGE_SQL,
+                [
+                    ids,
+                    [u.tokens_in for u in rows],
+                    [u.tokens_out for u in rows],
+                    [u.cost_usd for u in rows],
+                    [u.duration_ms for u in rows],
+                    [u.exit_code for u in rows],
+                ],
+            )
+
+    def merge_attributes(self, attributes: dict[int, dict]) -> None:
+        """Put the newest attributes (work context, service, role) on each run."""
+        attributes = {pk: attrs for pk, attrs in attributes.items() if attrs}
+        if not attributes:
+            return
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE runs_run AS r SET attributes = r.attributes || v.attrs"
+                " FROM unnest(%s::bigint[], %s::jsonb[]) AS v(id, attrs) WHERE r.id = v.id",
+                [
+                    sorted(attributes),
+                    [orjson.dumps(attributes[k]).decode() for k in sorted(attributes)],
+                ],
+            )
+
+    def touch_from_spans(self, runs: dict[int, dict]) -> None:
+        """Spans are signs of life of runs that existed before their batch: times
+        widen, an orphaned run revives, a trace's root span finishes the run of that
+        trace (`finish`: succeeded/failed at `end`), the newest context is merged.
+
+        `runs`: id -> {started_at, last_event_at, attributes, finish?, end?}. Locks them.
+        """
+        if not runs:
+            return
+        self.lock_ids(runs)
+        ids, firsts, lasts, statuses, ends, attrs = [], [], [], [], [], []
+        for pk in sorted(runs):
+            run = runs[pk]
+            ids.append(pk)
+            firsts.append(run["started_at"])
+            lasts.append(run["last_event_at"])
+            statuses.append(run.get("finish", ""))
+            ends.append(run.get("end"))
+            attrs.append(orjson.dumps(run["attributes"]).decode())
+        with connection.cursor() as cursor:
+            cursor.execute(_TOUCH_FROM_SPANS_SQL, [ids, firsts, lasts, statuses, ends, attrs])
 
     def mark_orphans(self, now: datetime | None = None) -> int:
         # Conditional UPDATEs: two beat ticks or two workers never flip a run twice.
@@ -188,6 +366,9 @@ class Run(models.Model):
     last_event_at = models.DateTimeField(null=True, blank=True)
     exit_clean = models.BooleanField(default=False)
     exit_code = models.IntegerField(null=True, blank=True)
+    # The run promised signs of life (a heartbeat, a pid, `run.begin`): its silence
+    # means it died. Runs known only from OTLP records and spans are never orphaned.
+    watched = models.BooleanField(default=False, db_default=False)
     parent = models.ForeignKey("self", models.SET_NULL, null=True, blank=True, related_name="forks")
     tags = models.JSONField(default=list, blank=True)
     attributes = models.JSONField(default=dict, blank=True)
@@ -270,10 +451,63 @@ class Run(models.Model):
                 span.duration_ms = int((until - span.started_at).total_seconds() * 1000)
         return spans
 
+    # --- Lifecycle ----------------------------------------------------------------
+    # What the run's own records say about it (SPEC §3, docs/decisions.md). Applied
+    # in memory by the worker (RunBatch) and saved once per batch.
+
+    def begin(self, at: datetime, data: dict) -> str:
+        """`run.begin`: the run (re)starts. Returns the run_id it was forked from, or ""."""
+        self.status, self.exit_clean, self.finished_at, self.duration_ms = (
+            Run.Status.RUNNING,
+            False,
+            None,
+            None,
+        )
+        self.watched = True  # a run that says it began will say it ended
+        self.started_at = min(self.started_at, at) if self.started_at else at
+        kind = data.get("command") or data.get("kind")
+        if isinstance(kind, str):
+            self.kind = kind[:64]
+        if isinstance(data.get("tags"), list):
+            self.tags = [str(t)[:100] for t in data["tags"][:50]]
+        attrs = data.get("attributes") if isinstance(data.get("attributes"), dict) else {}
+        for key in WORK_KEYS:
+            if key in data:
+                attrs[key] = data[key]
+        if attrs:
+            self.attributes = {**self.attributes, **attrs}
+        parent = data.get("parent_run_id")
+        return parent if isinstance(parent, str) and 0 < len(parent) <= 128 else ""
+
+    def finish_in_phase(self, at: datetime, exit_code: int | None = None) -> None:
+        """The run reached a terminal phase (DONE, FAILED) while running: it finished."""
+        status = Run.Status.SUCCEEDED if self.phase == "DONE" else Run.Status.FAILED
+        self.finish(status, at, exit_code)
+
+    def exit_cleanly(self, at: datetime, exit_code: int | None) -> None:
+        """`run.exit_clean`: the process ended on its own terms (a non-zero code or the
+        FAILED phase make it a failure, still a clean exit)."""
+        self.exit_clean = True
+        if self.status == Run.Status.RUNNING:
+            failed = (exit_code or 0) != 0 or self.phase == "FAILED"
+            self.finish(Run.Status.FAILED if failed else Run.Status.SUCCEEDED, at, exit_code)
+
+    def crash(self, at: datetime, exit_code: int | None) -> None:
+        """`run.crashed`: the agent saw itself die."""
+        self.exit_clean = False
+        self.finish(Run.Status.CRASHED, at, exit_code)
+
+    def end_session(self, at: datetime, failed: bool) -> None:
+        """An OTLP session-end record (`session.stop`, Gas Town; `session.ended`): the
+        session behind the run is over, cleanly (docs/otlp.md)."""
+        self.exit_clean = True
+        if self.status in (Run.Status.RUNNING, Run.Status.ORPHANED):
+            self.finish(Run.Status.FAILED if failed else Run.Status.SUCCEEDED, at)
+
     def heartbeat(self, phase: str = "", pid: int | None = None, host: str = "") -> None:
         """A sign of life: refreshes the heartbeat and revives an orphaned run."""
         now = timezone.now()
-        fields: dict = {"last_heartbeat": now}
+        fields: dict = {"last_heartbeat": now, "watched": True}
         if phase:
             fields["phase"] = phase[:64]
         if pid is not None:
@@ -285,13 +519,335 @@ class Run(models.Model):
         self.refresh_from_db()
 
     def finish(self, status: str, at: datetime, exit_code: int | None = None) -> None:
-        """Applied in memory by the ingest task; saved with the batch."""
+        """The run ended with `status` at `at`. In memory; saved with the batch."""
         self.status = status
         self.finished_at = at
         if exit_code is not None:
             self.exit_code = exit_code
         if self.started_at:
             self.duration_ms = max(0, int((at - self.started_at).total_seconds() * 1000))
+
+
+# --- Writing runs: the SQL of the run writer and a batch's accounting -------------
+
+WORK_KEYS = ("work_rig", "work_bead", "work_mol")
+# Session-end records of OTLP senders (Gas Town's `session.stop`; `session:ended` and
+# friends of other agents): they end the run of the session.
+SESSION_END_EVENTS = frozenset({"session.stop", "session.end", "session.ended", "session:ended"})
+
+# What a new run may take from the items that open it (create_missing); every other
+# column its default.
+SEED_COLUMNS = {
+    "run_id": "text",
+    "slug": "text",
+    "started_at": "timestamptz",
+    "last_event_at": "timestamptz",
+    "status": "text",
+    "finished_at": "timestamptz",
+    "exit_clean": "boolean",
+    "duration_ms": "bigint",
+    "attributes": "jsonb",
+}
+
+
+@cache
+def _create_runs_sql() -> tuple[str, list]:
+    fields = [f for f in Run._meta.concrete_fields if not f.primary_key]
+    qn = connection.ops.quote_name
+    selects = [
+        f"v.{f.name}" if f.name in SEED_COLUMNS else f"%s::{f.cast_db_type(connection)}"
+        for f in fields
+    ]
+    arrays = ", ".join(f"%s::{kind}[]" for kind in SEED_COLUMNS.values())
+    sql = (
+        f"INSERT INTO {qn(Run._meta.db_table)} ({', '.join(qn(f.column) for f in fields)})"
+        f" SELECT {', '.join(selects)} FROM unnest({arrays}) AS v({', '.join(SEED_COLUMNS)})"
+        " ORDER BY v.run_id ON CONFLICT (project_id, run_id) DO NOTHING RETURNING run_id, id"
+    )
+    return sql, [f for f in fields if f.name not in SEED_COLUMNS]
+
+
+# What an events batch may change on a run (RunQuerySet.save_batch).
+BATCH_FIELDS = [
+    "slug",
+    "parent",
+    "kind",
+    "status",
+    "phase",
+    "pid",
+    "host",
+    "started_at",
+    "finished_at",
+    "last_event_at",
+    "exit_clean",
+    "exit_code",
+    "watched",
+    "tags",
+    "attributes",
+    "events_count",
+    "errors_count",
+    "warnings_count",
+    "tokens_in",
+    "tokens_out",
+    "cost_usd",
+    "duration_ms",
+    "last_seq",
+]
+
+
+@cache
+def _save_batch_sql() -> str:
+    fields = [Run._meta.get_field(name) for name in BATCH_FIELDS]
+    qn = connection.ops.quote_name
+    assignments = ", ".join(f"{qn(f.column)} = v.{qn(f.column)}" for f in fields)
+    columns = ", ".join(f"{qn(f.column)} {f.db_type(connection)}" for f in fields)
+    return (
+        f"UPDATE {qn(Run._meta.db_table)} AS r SET {assignments}"
+        f" FROM jsonb_to_recordset(%s::jsonb) AS v(id bigint, {columns}) WHERE r.id = v.id"
+    )
+
+
+_ADD_USAGE_SQL = """
+UPDATE runs_run AS r SET
+    tokens_in = r.tokens_in + v.tokens_in,
+    tokens_out = r.tokens_out + v.tokens_out,
+    cost_usd = r.cost_usd + v.cost_usd,
+    duration_ms = COALESCE(r.duration_ms, v.duration_ms),
+    exit_code = COALESCE(r.exit_code, v.exit_code)
+FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::numeric[], %s::bigint[], %s::int[])
+    AS v(id, tokens_in, tokens_out, cost_usd, duration_ms, exit_code)
+WHERE r.id = v.id
+"""
+
+_FINISHING = "v.status <> '' AND r.status IN ('running', 'orphaned')"
+_TOUCH_FROM_SPANS_SQL = f"""
+UPDATE runs_run AS r SET
+    started_at = LEAST(r.started_at, v.first_at),
+    last_event_at = GREATEST(r.last_event_at, v.last_at),
+    status = CASE WHEN {_FINISHING} THEN v.status
+                  WHEN r.status = 'orphaned' THEN 'running' ELSE r.status END,
+    finished_at = CASE WHEN {_FINISHING} THEN v.end_at ELSE r.finished_at END,
+    exit_clean = CASE WHEN {_FINISHING} THEN true ELSE r.exit_clean END,
+    duration_ms = CASE WHEN {_FINISHING} THEN GREATEST(0, (1000 * extract(epoch
+        FROM v.end_at - LEAST(r.started_at, v.first_at)))::bigint)
+        ELSE r.duration_ms END,
+    attributes = r.attributes || v.attrs
+FROM unnest(%s::bigint[], %s::timestamptz[], %s::timestamptz[], %s::text[],
+            %s::timestamptz[], %s::jsonb[])
+    AS v(id, first_at, last_at, status, end_at, attrs)
+WHERE r.id = v.id
+"""
+
+
+@dataclass(slots=True)
+class RunUsage:
+    """What a batch of metrics adds to one run (RunQuerySet.add_usage)."""
+
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: Decimal = Decimal(0)
+    duration_ms: int | None = None
+    exit_code: int | None = None
+
+
+MAX_TOKENS = 2**40  # per call or point: anything larger is not a token count
+MAX_CALL_COST = Decimal(10**7)
+_TOKENS_IN = ("tokens_in", "input_tokens", "prompt_tokens")
+_TOKENS_OUT = ("tokens_out", "output_tokens", "completion_tokens")
+_NO_USAGE: dict = {}
+
+
+def _first_count(data: dict, usage: dict, keys: tuple[str, str, str]) -> int:
+    """The first count found under `keys`, in `data` then in `usage`."""
+    a, b, c = keys
+    for value in (data.get(a), data.get(b), data.get(c), usage.get(a), usage.get(b), usage.get(c)):
+        # type() is: bool (an int subclass) is not a count.
+        if type(value) is int and value >= 0:
+            return value if value < MAX_TOKENS else MAX_TOKENS
+    return 0
+
+
+def llm_usage(data: dict) -> tuple[int, int, Decimal | None]:
+    """Tokens in/out and the agent's own cost of an `llm.call` record (flat fields or
+    a `usage` object); the cost is None when the agent sent none."""
+    usage = data.get("usage")
+    if type(usage) is not dict:
+        usage = _NO_USAGE
+    tokens_in = _first_count(data, usage, _TOKENS_IN)
+    tokens_out = _first_count(data, usage, _TOKENS_OUT)
+    raw_cost = data.get("cost_usd", usage.get("cost_usd"))
+    kind = type(raw_cost)
+    if kind is float or kind is int or kind is str:
+        try:
+            cost = Decimal(raw_cost if kind is str else repr(raw_cost))
+        except InvalidOperation:
+            return tokens_in, tokens_out, None
+        if cost.is_finite() and 0 <= cost < MAX_CALL_COST:
+            return tokens_in, tokens_out, cost
+    return tokens_in, tokens_out, None
+
+
+def _exit_code(data: dict) -> int | None:
+    code = data.get("exit_code")
+    return code if isinstance(code, int) and -(2**31) <= code < 2**31 else None
+
+
+class RunTally:
+    """What one batch of events changes on one run, applied in memory and saved once.
+
+    `apply` runs for every record, hence its plain shape: counters first, then the
+    lifecycle methods of Run, called only for the records that carry lifecycle.
+    A record is anything with the Gitoma fields (`ts`, `event`, `level`, `slug`,
+    `phase`, `pid`, `host`), a `fields(read_only)` accessor for its data and a
+    `cost_usd` slot, which receives the computed cost of an unpriced `llm.call`.
+    """
+
+    __slots__ = ("run", "batch", "events", "errors", "warnings", "tokens_in", "tokens_out", "cost")
+
+    def __init__(self, run: Run, batch: RunBatch):
+        self.run = run
+        self.batch = batch
+        self.events = self.errors = self.warnings = self.tokens_in = self.tokens_out = 0
+        self.cost = Decimal(0)
+
+    def apply(self, rec) -> None:
+        run = self.run
+        self.events += 1
+        level = rec.level
+        if level == "error":
+            self.errors += 1
+        elif level == "warn":
+            self.warnings += 1
+        ts = rec.ts
+        if run.last_event_at is None or ts > run.last_event_at:
+            run.last_event_at = ts
+        if run.started_at is None:
+            run.started_at = ts
+        if rec.slug and not run.slug:
+            run.slug = rec.slug
+        if rec.pid is not None:
+            run.pid = rec.pid
+            run.watched = True
+        if rec.host:
+            run.host = rec.host
+        name = rec.event
+
+        if name == "run.begin":
+            parent = run.begin(ts, rec.fields(read_only=True))
+            if parent:
+                self.batch.parents[run.run_id] = parent
+        elif run.status == _ORPHANED:
+            run.status = _RUNNING  # it spoke again: not dead after all
+
+        if name == "phase.start":
+            phase = rec.fields(read_only=True).get("phase")
+            if not isinstance(phase, str):
+                phase = rec.phase
+            if phase:
+                run.phase = phase[:64]
+        elif rec.phase:
+            run.phase = rec.phase
+
+        if name == "run.exit_clean":
+            run.exit_cleanly(ts, _exit_code(rec.fields(read_only=True)))
+        elif name == "run.crashed":
+            run.crash(ts, _exit_code(rec.fields(read_only=True)))
+        elif name in SESSION_END_EVENTS:
+            data = rec.fields(read_only=True)
+            run.end_session(
+                ts, failed=data.get("status") in ("error", "failed") or level == "error"
+            )
+        elif run.phase in TERMINAL_PHASES and run.status == _RUNNING:
+            run.finish_in_phase(ts, _exit_code(rec.fields(read_only=True)))
+
+        if name == "llm.call":
+            self.count_llm_call(rec)
+
+    def count_llm_call(self, rec) -> None:
+        data = rec.fields(read_only=True)
+        tokens_in, tokens_out, cost = llm_usage(data)
+        if cost is None and (tokens_in or tokens_out):
+            # The agent sent no cost: price the call at the price valid when it
+            # happened. The price goes beside the agent's data, never into it.
+            model = data.get("model")
+            if isinstance(model, str):
+                cost = self.batch.price(model, tokens_in, tokens_out, rec.ts)
+                rec.cost_usd = cost
+        self.tokens_in += tokens_in
+        self.tokens_out += tokens_out
+        if cost is not None:
+            self.cost += cost
+
+    def add_counters(self) -> None:
+        run = self.run
+        run.events_count += self.events
+        run.errors_count += self.errors
+        run.warnings_count += self.warnings
+        run.tokens_in += self.tokens_in
+        run.tokens_out += self.tokens_out
+        run.cost_usd += self.cost
+
+
+_RUNNING, _ORPHANED = Run.Status.RUNNING, Run.Status.ORPHANED
+
+
+class RunBatch:
+    """The runs one batch of events writes: created if new, locked, tallied, saved.
+
+    batch = RunBatch.open(project, records)   # every record gets .run
+    for rec in records: batch.tallies[rec.run_id].apply(rec)
+    batch.save()
+    """
+
+    def __init__(self, project: Project, runs: dict[str, Run]):
+        self.project = project
+        self.tallies = {run_id: RunTally(run, self) for run_id, run in runs.items()}
+        self.parents: dict[str, str] = {}  # run_id -> run_id it was forked from
+        self._prices: PriceBook | None = None
+
+    @classmethod
+    def open(cls, project: Project, records: list) -> RunBatch:
+        """Give every record a run, creating runs as needed, locked for the batch.
+
+        A record without `run_id` belongs to the newest running run of its slug;
+        `run.begin` without a run_id opens a new one.
+        """
+        current: dict[str, str] = {}  # slug -> run_id, for records that name no run
+        for rec in records:
+            if rec.run_id:
+                continue
+            if rec.event == "run.begin" or rec.slug not in current:
+                existing = None
+                if rec.event != "run.begin":
+                    existing = Run.objects.running_run_id(project, rec.slug)
+                current[rec.slug] = existing or str(uuid7())
+            rec.run_id = current[rec.slug]
+        seeds: dict[str, dict] = {}  # the first record of each run names its slug
+        for rec in records:
+            if rec.run_id not in seeds:
+                seeds[rec.run_id] = {"slug": rec.slug, "started_at": rec.ts}
+        Run.objects.create_missing(project, seeds)
+        batch = cls(project, Run.objects.locked(project, seeds))
+        tallies = batch.tallies
+        for rec in records:
+            rec.run = tallies[rec.run_id].run
+        return batch
+
+    def price(self, model: str, tokens_in: int, tokens_out: int, at: datetime) -> Decimal | None:
+        if self._prices is None:  # read once per batch, and only if a call needs it
+            self._prices = ModelPrice.objects.book()
+        return self._prices.cost(model, tokens_in, tokens_out, at)
+
+    def save(self) -> None:
+        for tally in self.tallies.values():
+            tally.add_counters()
+        if self.parents:  # fork lineage: the parent must be a run of the same project
+            found = Run.objects.ids_by_run_id(self.project, set(self.parents.values()))
+            for run_id, parent in self.parents.items():
+                run = self.tallies[run_id].run
+                if found.get(parent) and found[parent] != run.pk:
+                    run.parent_id = found[parent]
+        Run.objects.save_batch([tally.run for tally in self.tallies.values()])
 
 
 @dataclass
@@ -360,6 +916,9 @@ class Event(models.Model):
     request_id = models.CharField(max_length=128, blank=True)
     trace_id = models.CharField(max_length=64, blank=True)
     span_id = models.CharField(max_length=32, blank=True)
+    # The portal's price of an `llm.call` that carried no cost (ModelPrice): kept
+    # beside the agent's data, so exports give back exactly what the agent wrote.
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)
 
     objects = EventQuerySet.as_manager()
 

@@ -1,5 +1,6 @@
-"""Retention: keep the newest N runs per slug and nothing older than the max age;
-error reports by their own age and per-group cap.
+"""Run retention: keep the newest N runs per slug and nothing older than the max age.
+
+(The retention job, error reports included, is telemetry/retention.py.)
 
 Events have no database-level foreign key, so they are deleted explicitly, in
 chunks, before their runs: a prune never holds long locks on the hot table.
@@ -7,19 +8,14 @@ chunks, before their runs: a prune never holds long locks on the hot table.
 
 from __future__ import annotations
 
-import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
 from runs.models import EventCount, Project, Run
 
 CHUNK = 200
-REPORT_CHUNK = 5000
-
-logger = logging.getLogger(__name__)
 
 
 def expired_run_ids(project: Project) -> list[int]:
@@ -51,56 +47,11 @@ def delete_runs(run_ids: list[int]) -> int:
     return deleted
 
 
-def prune() -> dict[str, int]:
-    """Apply every project's retention policy now. Returns runs deleted per project slug."""
+def prune_runs() -> dict[str, int]:
+    """Apply every project's run retention now. Returns runs deleted per project slug."""
     result = {}
     for project in Project.objects.all():
         result[project.slug] = delete_runs(expired_run_ids(project))
         cutoff = timezone.now() - timedelta(days=project.retention_max_age_days)
         EventCount.objects.filter(project=project, minute__lt=cutoff).delete()
-    reports = prune_error_reports()
-    logger.info("retention: %s error report(s) deleted", reports, extra={"reports": reports})
-    from telemetry.health import record_retention  # the status page shows the last run
-
-    record_retention(result, reports)
     return result
-
-
-def prune_error_reports(now: datetime | None = None) -> int:
-    """Error reports follow their own policy: ERROR_REPORT_MAX_AGE_DAYS, and the newest
-    ERROR_REPORTS_PER_GROUP of each group. Groups stay (their count and triage state
-    are the record); see docs/errors.md."""
-    from telemetry.models import ErrorGroup, ErrorReport
-
-    now = now or timezone.now()
-    cutoff = now - timedelta(days=settings.ERROR_REPORT_MAX_AGE_DAYS)
-    deleted = 0
-    while True:  # in chunks: a prune never holds long locks on the reports table
-        ids = list(
-            ErrorReport.objects.filter(received_at__lt=cutoff).values_list("id", flat=True)[
-                :REPORT_CHUNK
-            ]
-        )
-        if not ids:
-            break
-        deleted += ErrorReport.objects.filter(id__in=ids).delete()[0]
-    cap = settings.ERROR_REPORTS_PER_GROUP
-    # Only groups that ever had more reports than the cap can be over it.
-    crowded = list(ErrorGroup.objects.filter(count__gt=cap).values_list("id", flat=True))
-    for start in range(0, len(crowded), CHUNK):
-        with connection.cursor() as cursor:
-            cursor.execute(
-                """
-                DELETE FROM telemetry_errorreport WHERE id IN (
-                    SELECT id FROM (
-                        SELECT id, row_number() OVER (
-                            PARTITION BY group_id ORDER BY received_at DESC, id DESC
-                        ) AS rank
-                        FROM telemetry_errorreport WHERE group_id = ANY(%s)
-                    ) ranked WHERE rank > %s
-                )
-                """,
-                [crowded[start : start + CHUNK], cap],
-            )
-            deleted += cursor.rowcount
-    return deleted

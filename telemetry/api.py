@@ -1,26 +1,16 @@
-"""Ingestion endpoints. They authenticate, check limits, spool, and answer."""
+"""Ingest endpoints of the ninja API: their schemas for /api/openapi.json, and one
+call into the pipeline each (telemetry/ingest/pipeline.py does the rest)."""
 
 from __future__ import annotations
 
-from django.conf import settings
-from django.http import HttpRequest, JsonResponse
-from ninja import Router, Schema, Status
+from django.http import HttpRequest
+from ninja import Router, Schema
 
 from portal.api import project_auth
-from runs.ingest import IngestError, gc_paused, judge_body, read_body, spool_body
-from telemetry.models import IngestBatch
+from telemetry.ingest import pipeline
+from telemetry.receivers import events, metrics
 
 router = Router(tags=["ingest"])
-
-EVENT_TYPES = {
-    "application/x-ndjson",
-    "application/ndjson",
-    "application/jsonl",
-    "application/x-jsonlines",
-    "application/jsonlines",
-    "application/json",
-    "text/plain",
-}
 
 
 class LineErrorOut(Schema):
@@ -32,6 +22,18 @@ class IngestOut(Schema):
     accepted: int
     rejected: int
     errors: list[LineErrorOut]
+    batch: int | None
+
+
+class ItemErrorOut(Schema):
+    index: int
+    error: str
+
+
+class RecordOut(Schema):
+    accepted: int
+    rejected: int
+    errors: list[ItemErrorOut]
     batch: int | None
 
 
@@ -54,15 +56,25 @@ _NDJSON_BODY = {
     }
 }
 
+_RECORD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "One metric `{run_id?, metric_name, metric_value, recorded_at?, labels?, unit?}` "
+            'or a batch `{"metrics": [...]}` (also a plain JSON array). May be sent with '
+            "Content-Encoding gzip or deflate."
+        ),
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
 
-def _error(status: int, detail: str) -> JsonResponse:
-    return JsonResponse({"detail": detail}, status=status)
+_ANSWERS = {413: ErrorOut, 415: ErrorOut, 503: ErrorOut}
 
 
 @router.post(
     "/ingest/events",
     auth=project_auth,
-    response={202: IngestOut, 400: IngestOut | ErrorOut, 413: ErrorOut, 415: ErrorOut},
+    response={202: IngestOut, 400: IngestOut | ErrorOut, **_ANSWERS},
     openapi_extra=_NDJSON_BODY,
     summary="Ingest run events",
 )
@@ -72,46 +84,26 @@ def ingest_events(request: HttpRequest, run_id: str = ""):
     Each line is judged on its own: good lines are kept, bad ones are listed in
     `errors` by line number. A record without `run_id` belongs to the run named by
     the `run_id` query parameter, else to the newest running run of its slug.
-    Send an `Idempotency-Key` header to make retries of the same request a no-op.
+    Run ids must not contain `/` (they are part of URLs). Send an `Idempotency-Key`
+    header to make retries of the same request a no-op.
     """
-    project = request.auth
-    if len(run_id) > 128:
-        return _error(400, "run_id: longer than 128 characters")
-    content_type = request.content_type or "application/x-ndjson"
-    if content_type not in EVENT_TYPES:
-        return _error(415, f"unsupported Content-Type {content_type!r}: send application/x-ndjson")
+    return pipeline.accept(request, events.receiver)
 
-    key = request.headers.get("Idempotency-Key", "").strip()[:200] or None
-    if key:
-        earlier = IngestBatch.objects.filter(project=project, idempotency_key=key).first()
-        if earlier is not None:
-            return Status(202, {**earlier.summary, "batch": earlier.id})
 
-    encoding = request.headers.get("Content-Encoding", "")
-    raw: list[bytes] = []
-    try:
-        body = read_body(request, encoding, settings.INGEST_MAX_BYTES, raw)
-        if not body.strip():
-            return _error(400, "empty body: send one JSON record per line")
-        with gc_paused():
-            accepted, rejected, errors = judge_body(
-                body,
-                run_id,
-                settings.INGEST_MAX_LINE_BYTES,
-                settings.INGEST_MAX_ERRORS_REPORTED,
-            )
-    except IngestError as exc:
-        return _error(exc.status, exc.message)
+@router.post(
+    "/metrics/record",
+    auth=project_auth,
+    response={202: RecordOut, 400: RecordOut | ErrorOut, **_ANSWERS},
+    openapi_extra=_RECORD_BODY,
+    summary="Record run metrics",
+    tags=["metrics"],
+)
+def record_metrics(request: HttpRequest):
+    """Accept one metric or a batch. Durable before the answer; stored by a worker.
 
-    summary = {"accepted": accepted, "rejected": rejected, "errors": errors}
-    if not accepted:
-        return Status(400, {**summary, "batch": None})
-    batch = IngestBatch.spool(
-        project,
-        spool_body(body, encoding, raw),
-        params={"run_id": run_id} if run_id else {},
-        idempotency_key=key,
-        request_id=getattr(request, "request_id", ""),
-        summary=summary,
-    )
-    return Status(202, {**batch.summary, "batch": batch.id})
+    Each item is judged on its own: good ones are kept, bad ones are listed in
+    `errors` by their index in the batch (0-based). A `run_id` must name a run of
+    this project; an item without one is a fleet metric. Send an `Idempotency-Key`
+    header to make retries of the same request a no-op.
+    """
+    return pipeline.accept(request, metrics.receiver)

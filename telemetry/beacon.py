@@ -17,7 +17,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from ninja import Router, Schema
 
-from runs.ingest import IngestError, read_body
+from portal.http import BodyError, read_body
 from runs.models import Project, Run
 from telemetry import errors, ratelimit
 from telemetry.ratelimit import Verdict
@@ -156,7 +156,7 @@ def frontend_log(request: HttpRequest, key: str = ""):
         raw = read_body(
             request, request.headers.get("Content-Encoding", ""), settings.FRONTEND_LOG_MAX_BYTES
         )
-    except IngestError as exc:
+    except BodyError as exc:
         return answer(exc.status, {"detail": exc.message})
     body = _parse(raw)
     if not isinstance(body, dict):

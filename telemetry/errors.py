@@ -34,8 +34,8 @@ from django.utils import timezone
 
 from portal.db import insert_rows
 from portal.logging import request_id_var
-from runs.ingest import MAX_STRING, _redact_match, _Scrubber
-from runs.models import Project
+from runs.models import LEVEL_ALIASES, Project
+from telemetry.ingest.redaction import Scrubber
 from telemetry.models import ErrorGroup, ErrorReport
 
 alerts = logging.getLogger("runlens.alerts")
@@ -379,7 +379,7 @@ def _text(value: Any) -> str:
 def record_event_errors(project: Project, records: list) -> int:
     """Error-level events and `run.crashed` become error reports, linked to their run.
 
-    Called by runs.ingest.store_records inside the batch's transaction, after
+    Called by telemetry.ingest.store.store_records inside the batch's transaction, after
     the records were scrubbed and given their runs. Returns the number of
     occurrences (all counted; see store() for what is kept).
     """
@@ -433,17 +433,6 @@ def record_event_errors(project: Project, records: list) -> int:
 
 # --- From the browser beacon ----------------------------------------------------
 
-LEVELS = {
-    "debug": "debug",
-    "info": "info",
-    "log": "info",
-    "warn": "warn",
-    "warning": "warn",
-    "error": "error",
-    "fatal": "error",
-    "critical": "error",
-}
-
 
 def trim_stack(stack: str) -> str:
     """Keep 50 frames at each end of a deep stack (recursion), and a bounded size."""
@@ -477,33 +466,6 @@ def page_path(url: str) -> str:
     return _cut(f"{parts.scheme}://{parts.netloc}{parts.path}", 500)
 
 
-# runs.ingest._SECRET_VALUE with the URL scheme bounded and anchored: there, a
-# long run of letters costs quadratic time (64 KB: ~30 s), which a public
-# endpoint cannot afford. Same matches otherwise; to go once runs.ingest has it.
-_SECRET_VALUE = re.compile(
-    r"(?i)(?P<scheme>\bbearer\s+|\bbasic\s+)[A-Za-z0-9._~+/=\-]+"
-    r"|(?P<url>\b[a-z][a-z0-9+.\-]{0,31}://)[^/\s\"'@]+@"
-    r"|\bgh[pousr]_[A-Za-z0-9]{20,}"
-    r"|\bsk-[A-Za-z0-9_\-]{20,}"
-)
-
-
-class BeaconScrubber(_Scrubber):
-    """runs.ingest's scrubber (secrets by key, NULs, surrogates, depth and size
-    bounds) with a linear-time redaction of secret values, applied after the cut."""
-
-    def __init__(self) -> None:
-        super().__init__(redact=True)
-
-    def text(self, value: str, limit: int = MAX_STRING) -> str:
-        self.redact = False
-        try:
-            value = super().text(value, limit)
-        finally:
-            self.redact = True
-        return _SECRET_VALUE.sub(_redact_match, value)
-
-
 def beacon_occurrence(
     body: dict, *, client_address: str, request_id: str, run_id: int | None = None
 ) -> Occurrence:
@@ -512,7 +474,7 @@ def beacon_occurrence(
     Unknown top-level fields are kept in the context; secrets are redacted,
     NULs and lone surrogates cleaned, sizes bounded (a `_truncated` flag says so).
     """
-    scrubber = BeaconScrubber()
+    scrubber = Scrubber(redact=True)
     context = body.get("context")
     context = dict(context) if isinstance(context, dict) else {}
     known = {"level", "message", "error", "stack", "context"}
@@ -534,7 +496,7 @@ def beacon_occurrence(
     if scrubber.truncated or trimmed != stack:
         context["_truncated"] = True
     raw_level = body.get("level")
-    level = LEVELS.get(raw_level.lower(), "error") if isinstance(raw_level, str) else "error"
+    level = LEVEL_ALIASES.get(raw_level.lower(), "error") if isinstance(raw_level, str) else "error"
     url = _text(context.get("url"))
     user = context.get("user_id", context.get("user"))
     if isinstance(user, dict):

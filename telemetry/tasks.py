@@ -1,4 +1,4 @@
-"""Thin Celery tasks for the ingest spool: ids in, the work lives in runs.ingest."""
+"""Thin Celery tasks: ids in, the work lives in the pipeline and the models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import logging
 from celery import shared_task
 
 from portal.logging import request_id_var
-from runs import ingest
+from telemetry import ratelimit, retention
+from telemetry.ingest import pipeline
+from telemetry.models import IngestBatch
 
 logger = logging.getLogger(__name__)
 
@@ -17,14 +19,13 @@ def process_batch(batch_id: int) -> None:
     token = None
     if not request_id_var.get():
         # Sent by the sweeper, not by the request: name the request that spooled it.
-        from telemetry.models import IngestBatch
-
         found = IngestBatch.objects.filter(pk=batch_id).values_list("request_id", flat=True)
         if found and found[0]:
             token = request_id_var.set(found[0])
     try:
-        stored = ingest.process_batch(batch_id)
-        logger.info(
+        stored = pipeline.process(batch_id)
+        # One line a batch is noise at any real rate: DEBUG (failures raise and log).
+        logger.debug(
             "batch %s %s",
             batch_id,
             "stored" if stored else "already done",
@@ -38,17 +39,20 @@ def process_batch(batch_id: int) -> None:
 @shared_task(ignore_result=True)
 def sweep_pending() -> int:
     """Re-enqueue batches left pending (a worker died, the broker was down)."""
-    from telemetry.models import IngestBatch
-
     ids = IngestBatch.objects.stale_pending()
     for batch_id in ids:
         process_batch.delay(batch_id)
+    if ids:
+        logger.info("re-enqueued %s pending batch(es)", len(ids), extra={"batches": len(ids)})
     return len(ids)
 
 
 @shared_task(ignore_result=True)
 def purge_rate_counters() -> int:
     """Drop rate-limit windows that have ended."""
-    from telemetry import ratelimit
-
     return ratelimit.purge()
+
+
+@shared_task(ignore_result=True)
+def prune() -> dict[str, int]:
+    return retention.prune()

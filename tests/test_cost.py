@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -48,9 +50,27 @@ def test_it_prices_a_call_at_the_price_valid_when_it_happened(post_events, price
     run = Run.objects.get(run_id="r1")
     # 2 + 1 = 3 for input, 1 + 0.5 = 1.5 for output.
     assert run.cost_usd == Decimal("4.5")
-    costs = [e.data["cost_usd"] for e in Event.objects.filter(run=run).order_by("seq")]
-    assert costs == [3.0, 1.5]
-    assert all(e.data["_cost_computed"] for e in Event.objects.filter(run=run))
+    costs = [e.cost_usd for e in Event.objects.filter(run=run).order_by("seq")]
+    assert costs == [Decimal("3"), Decimal("1.5")]
+
+
+def test_a_computed_cost_stays_out_of_the_agents_data(post_events, prices, client, token):
+    sent = call(
+        "2026-07-01T00:00:00Z", model="acme-1", tokens_in=812, tokens_out=96, latency_ms=1234
+    )
+    post_events(ndjson(sent))
+    event = Event.objects.get(run__run_id="r1")
+    assert event.data == sent["data"]
+    assert event.cost_usd == Decimal("0.001292")  # 812 at $1 + 96 at $5 per million
+
+    exported = client.get("/api/runs/r1/events?format=jsonl", HTTP_AUTHORIZATION=f"Bearer {token}")
+    (line,) = b"".join(exported.streaming_content).decode().splitlines()
+    assert json.loads(line) == {
+        k: sent[k] for k in ("ts", "slug", "phase", "level", "event", "data")
+    } | {"ts": "2026-07-01T00:00:00.000+00:00"}
+    listed = client.get("/api/runs/r1/events", HTTP_AUTHORIZATION=f"Bearer {token}").json()
+    assert listed["items"][0]["cost_usd"] == 0.001292
+    assert listed["items"][0]["data"] == sent["data"]
 
 
 def test_it_takes_the_exact_name_over_a_pattern_and_a_pattern_for_others(post_events, prices):
@@ -70,7 +90,7 @@ def test_a_cost_sent_by_the_client_wins(post_events, prices):
     run = Run.objects.get(run_id="r1")
     assert run.cost_usd == Decimal("0.25")
     event = Event.objects.get(run=run)
-    assert event.data["cost_usd"] == 0.25 and "_cost_computed" not in event.data
+    assert event.data["cost_usd"] == 0.25 and event.cost_usd is None
 
 
 def test_unknown_models_and_calls_before_any_price_cost_nothing(post_events, prices):

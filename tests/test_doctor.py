@@ -92,7 +92,8 @@ def test_it_prints_no_orphan_line_when_all_is_well(project):
         ({"status": "running", "phase": "FAILED"}, "done"),
         ({"status": "running", "phase": "PR_OPEN", "exit_clean": True}, "idle"),
         ({"status": "orphaned", "phase": "WORKING"}, "ORPHANED"),
-        ({"status": "running", "phase": "WORKING"}, "ORPHANED"),  # silent since LONG_AGO
+        # Silent since LONG_AGO, after promising signs of life (run.begin).
+        ({"status": "running", "phase": "WORKING", "watched": True}, "ORPHANED"),
     ],
 )
 def test_it_gives_each_state_its_verdict(project, fields, expected):

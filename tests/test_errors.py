@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.test import Client, override_settings
 from django.utils import timezone
 
-from runs import retention
+from telemetry import retention
 from runs.models import Run
 from telemetry.errors import (
     Occurrence,
@@ -249,7 +249,7 @@ def test_error_level_events_and_crashes_become_reports_linked_to_their_run(post_
 
 
 def test_event_errors_are_grouped_set_based(project, post_events, django_assert_max_num_queries):
-    from runs.ingest import parse_body
+    from telemetry.ingest.records import parse_body
 
     body = ndjson(
         record("run.begin"),

@@ -12,7 +12,7 @@ from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 
-from runs import ingest
+from telemetry.ingest import store
 from runs.models import Event, Run
 from telemetry import health
 from telemetry.models import ErrorGroup, ErrorReport, IngestBatch
@@ -52,7 +52,7 @@ def make_run(project, run_id: str, status: str = "succeeded", **fields) -> Run:
 
 def add_event(run: Run, seq: int, ts, level: str = "info", event: str = "x.y") -> None:
     event = Event.objects.create(run=run, seq=seq, ts=ts, level=level, event=event, data={})
-    ingest._count_events(run.project, [event])  # as the worker counts what it stores
+    store._count_events(run.project, [event])  # as the worker counts what it stores
 
 
 @pytest.fixture

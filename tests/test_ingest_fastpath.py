@@ -16,9 +16,11 @@ import random
 
 import orjson
 import pytest
+from runs.timestamps import TimestampError, parse_timestamp
+from telemetry.ingest.records import LineError, Record, judge_body, normalize, parse_body, scrub
 
-from runs import ingest
-from runs.ingest import LineError, Record, judge_body, normalize, parse_body, scrub
+import telemetry.ingest.records as records_module
+from telemetry.ingest import redaction, store
 
 BASE = {
     "ts": "2026-04-21T05:00:01.945+00:00",
@@ -194,7 +196,7 @@ LINES = corpus()
 
 
 def test_the_corpus_exercises_both_paths_and_both_verdicts():
-    fast = [line for line in LINES if ingest._fast_record(line.strip(), "") is not None]
+    fast = [line for line in LINES if records_module._fast_record(line.strip(), "") is not None]
     accepted = [line for line in LINES if verdict(reference, line)[0] == "accepted"]
     assert 500 < len(fast) < len(accepted) < len(LINES)
 
@@ -202,7 +204,7 @@ def test_the_corpus_exercises_both_paths_and_both_verdicts():
 def test_the_shortcut_reads_every_line_it_takes_as_the_reference_does():
     taken = 0
     for line in LINES:
-        record = ingest._fast_record(line.strip(), "default-run")
+        record = records_module._fast_record(line.strip(), "default-run")
         if record is None:
             continue
         expected = reference(line.strip(), "default-run")
@@ -309,10 +311,10 @@ def test_the_body_scan_finds_every_line_the_line_search_finds(seed):
     ]
     lines = [b" ".join(rng.choices(words, k=rng.randint(0, 3))) for _ in range(3000)]
     body = b"\n".join(lines)
-    found = {body.count(b"\n", 0, m.start()) for m in ingest._BODY_WALK_HINT.finditer(body)}
+    found = {body.count(b"\n", 0, m.start()) for m in redaction.BODY_WALK_HINT.finditer(body)}
     for number, line in enumerate(lines):
         brackets = line.count(b"{") + line.count(b"[")
-        if ingest._WALK_HINT.search(line.lower()) or brackets > ingest.MAX_DEPTH:
+        if redaction.WALK_HINT.search(line.lower()) or brackets > redaction.MAX_DEPTH:
             assert number in found, line
         else:
             assert number not in found, line
@@ -347,23 +349,23 @@ def test_timestamps_written_as_sent_are_the_instants_python_read(db):
     written, expected, records = [], [], []
     for text in TIMESTAMPS:
         try:
-            ts = ingest._parse_ts(text)
-        except LineError:
+            ts = parse_timestamp(text)
+        except TimestampError:
             continue
         line = line_of({**BASE, "ts": text})
-        record = ingest._fast_record(line, "")
+        record = records_module._fast_record(line, "")
         assert record is not None and record.ts == ts and record.ts_text == text
         record.run = type("R", (), {"id": 1})()
-        copied = ingest.copy_rows([record]).decode().split("\t")[1]
+        copied = store.copy_rows([record]).decode().split("\t")[1]
         assert copied == text or copied == ts.isoformat()
         written.append(copied)
         expected.append(ts)
         records.append(record)
     # A batch is tested at once when every timestamp is plain, else one by one.
-    together = [row.split("\t")[1] for row in ingest.copy_rows(records).decode().splitlines()]
+    together = [row.split("\t")[1] for row in store.copy_rows(records).decode().splitlines()]
     assert together == written
     plain = [r for r, w in zip(records, written, strict=True) if w == r.ts_text]
-    together = [row.split("\t")[1] for row in ingest.copy_rows(plain).decode().splitlines()]
+    together = [row.split("\t")[1] for row in store.copy_rows(plain).decode().splitlines()]
     assert together == [r.ts_text for r in plain] and len(plain) > 4
     assert len(written) > 8 and any(
         w != e.isoformat() for w, e in zip(written, expected, strict=True)

@@ -11,8 +11,9 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from runs import ingest
-from runs.models import Event, Run
+from runs.models import Event, Run, RunBatch
+from telemetry.ingest import pipeline
+from telemetry.receivers import events
 from telemetry import tasks
 from telemetry.models import IngestBatch
 from tests.conftest import ndjson, record
@@ -34,7 +35,7 @@ def test_a_batch_is_durable_before_the_answer_and_processed_later(client, token)
     batch = spooled(client, token, ndjson(record("a.b"), record("a.c")))
     assert batch.state == "pending"
     assert not Event.objects.exists()
-    assert ingest.process_batch(batch.id) is True
+    assert pipeline.process(batch.id) is True
     batch.refresh_from_db()
     assert (batch.state, batch.attempts) == ("done", 1)
     assert Event.objects.count() == 2
@@ -42,8 +43,8 @@ def test_a_batch_is_durable_before_the_answer_and_processed_later(client, token)
 
 def test_processing_twice_stores_once(client, token):
     batch = spooled(client, token, ndjson(record("a.b"), record("a.c")))
-    assert ingest.process_batch(batch.id) is True
-    assert ingest.process_batch(batch.id) is False
+    assert pipeline.process(batch.id) is True
+    assert pipeline.process(batch.id) is False
     assert Event.objects.count() == 2
     assert Run.objects.get().events_count == 2
 
@@ -57,26 +58,26 @@ def test_a_worker_dying_before_commit_leaves_nothing_and_a_rerun_stores_once(
         raise RuntimeError("worker killed")
 
     # Fail after the COPY, inside the transaction: PostgreSQL rolls it all back.
-    monkeypatch.setattr(ingest, "_save_runs", die)
+    monkeypatch.setattr(RunBatch, "save", die)
     with pytest.raises(RuntimeError):
-        ingest.process_batch(batch.id)
+        pipeline.process(batch.id)
     assert not Event.objects.exists()
     batch.refresh_from_db()
     assert (batch.state, batch.attempts) == ("pending", 1)
     assert "worker killed" in batch.error
 
     monkeypatch.undo()
-    assert ingest.process_batch(batch.id) is True
+    assert pipeline.process(batch.id) is True
     assert Event.objects.count() == 2
     assert Run.objects.get().events_count == 2
 
 
 def test_a_batch_that_keeps_failing_is_marked_failed_and_kept(client, token, monkeypatch):
     batch = spooled(client, token, ndjson(record("a.b")))
-    monkeypatch.setattr(ingest, "store_records", lambda *a: 1 / 0)
-    for _ in range(ingest.MAX_ATTEMPTS):
+    monkeypatch.setattr(events, "store_records", lambda *a: 1 / 0)
+    for _ in range(IngestBatch.MAX_ATTEMPTS):
         with pytest.raises(ZeroDivisionError):
-            ingest.process_batch(batch.id)
+            pipeline.process(batch.id)
     batch.refresh_from_db()
     assert batch.state == "failed"
     assert batch.body  # the raw body stays for a later re-run
@@ -123,10 +124,27 @@ def test_a_silent_run_in_a_working_phase_becomes_orphaned(project):
     assert Run.objects.mark_orphans() == 0  # idempotent
 
 
-def test_a_run_that_never_spoke_is_orphaned_after_the_grace_period(project):
-    make_run(project, "mute", created=timezone.now() - timedelta(minutes=5))
+def test_a_watched_run_that_never_spoke_is_orphaned_after_the_grace_period(project):
+    make_run(project, "mute", created=timezone.now() - timedelta(minutes=5), watched=True)
     call_command("detect_orphans")
     assert Run.objects.get(run_id="mute").status == "orphaned"
+
+
+def test_a_run_without_any_sign_of_life_promised_is_never_orphaned(project):
+    # No heartbeat, no pid, no run.begin: a run known only from OTLP records and spans.
+    make_run(project, "otel-only", created=timezone.now() - timedelta(hours=1))
+    call_command("detect_orphans")
+    assert Run.objects.get(run_id="otel-only").status == "running"
+
+
+def test_a_run_that_began_and_went_silent_is_orphaned(post_events, project):
+    long_ago = (timezone.now() - timedelta(minutes=10)).isoformat()
+    post_events(
+        ndjson(record("run.begin", ts=long_ago), record("llm.call", ts=long_ago)), run_id="g"
+    )
+    assert Run.objects.get(run_id="g").watched
+    call_command("detect_orphans")
+    assert Run.objects.get(run_id="g").status == "orphaned"
 
 
 def test_a_run_on_this_host_whose_process_is_gone_is_orphaned_at_once(project):

@@ -9,8 +9,8 @@ from decimal import Decimal
 
 import pytest
 from django.test import Client
+from telemetry.receivers.metrics import Metric, computed_costs, store_metrics
 
-from runs.metrics import Metric, computed_costs, store_metrics
 from runs.models import ModelPrice, PriceBook, Run, RunMetric
 from telemetry.models import IngestBatch
 
@@ -177,7 +177,7 @@ def test_a_run_of_another_project_is_unknown_here(send, run, stranger):
 def test_an_item_refused_for_its_run_stays_refused_when_the_run_appears_later(
     client, token, run, project
 ):
-    from runs.ingest import process_batch
+    from telemetry.ingest.pipeline import process as process_batch
 
     # The worker is late (no on-commit callback runs here): meanwhile the run that
     # the request did not know is created by its events.
@@ -262,7 +262,7 @@ def test_an_events_request_with_the_same_key_is_another_request(send, run, post_
 
 
 def test_the_worker_stores_a_batch_once(send, run):
-    from runs.ingest import process_batch
+    from telemetry.ingest.pipeline import process as process_batch
 
     batch = send(item()).json()["batch"]
     assert process_batch(batch) is False  # done already

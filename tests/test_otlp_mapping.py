@@ -213,7 +213,10 @@ def test_it_keeps_resource_scope_and_record_attributes_and_the_ids(post_otlp):
     assert prime.data["work_bead"] == "sg-05iq"
     assert prime.data["nested"] == {"list": [1, 2.5, True, None, "AP8="], "deep": {"x": "y"}}
     assert (prime.trace_id, prime.span_id) == (TRACE, CHILD)
-    assert prime.run.pid == 4242 and prime.run.host == "polecat-host"
+    # The exporter's process.pid is the record's, not a promise of the run's life:
+    # kept in the data, never the run's pid (which would make it an orphan candidate).
+    assert prime.data["process.pid"] == 4242 and prime.run.pid is None
+    assert prime.run.host == "polecat-host"
     error = Event.objects.get(level="error")
     assert error.event == "otel.log"
     assert error.data["body"] == {"structured": ["body", 3]}

@@ -436,7 +436,7 @@ def test_a_day_runs_last_pid_on_this_host_does_not_orphan_it(db, project):
 )
 def test_run_ids_that_only_look_synthetic_are_still_watched(db, project, run_id):
     old = timezone.now() - timedelta(hours=1)
-    Run.objects.create(project=project, run_id=run_id, last_event_at=old)
+    Run.objects.create(project=project, run_id=run_id, last_event_at=old, watched=True)
     assert Run.objects.mark_orphans() == 1
 
 

@@ -11,8 +11,8 @@
    Records, spans into their attributes and events, data points into metric labels,
    each item into the run it belongs to.
 4. **Store** (`store.py`): `store_logs_batch`, `store_traces_batch`,
-   `store_metrics_batch` (runs.ingest.BATCH_HANDLERS) write the rows, and the runs
-   they open or touch.
+   `store_metrics_batch` (called by the receivers in telemetry/receivers/otlp.py)
+   write the rows, and the runs they open or touch.
 
 The endpoints are in telemetry/otlp_views.py; docs/otlp.md has the mapping tables
 and the decisions behind them. Nothing is re-exported: import from the module.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LOGS, METRICS, TRACES = "logs", "metrics", "traces"
-# The IngestBatch kind a request of each signal is spooled as (runs.ingest.BATCH_HANDLERS).
+# The IngestBatch kind a request of each signal is spooled as (telemetry/receivers/otlp.py).
 BATCH_KIND = {LOGS: "otlp_logs", METRICS: "otlp_metrics", TRACES: "otlp_traces"}
 
 MAX_DEPTH = 32  # nesting of array/kvlist attribute values

@@ -1,7 +1,7 @@
 """What judged items become in our tables: the values of each row, no SQL.
 
-* a log record becomes a `runs.ingest.Record` (`log_record`), stored as a run
-  event by `runs.ingest.store_records`;
+* a log record becomes a `telemetry.ingest.records.Record` (`log_record`), stored as a run
+  event by `telemetry.ingest.store.store_records`;
 * a span becomes its attributes, events and status message (`span_parts`);
 * a data point becomes the labels of a RunMetric (`metric_labels`).
 
@@ -20,7 +20,9 @@ from typing import Any
 import orjson
 from django.conf import settings
 
-from runs.ingest import LEVELS, Record, safe_text, scrub
+from portal.db import safe_text
+from runs.models import LEVEL_ALIASES, run_id_problem
+from telemetry.ingest.records import Record, scrub
 from telemetry.otlp.items import (
     ELLIPSIS,
     MAX_ATTRIBUTES,
@@ -134,9 +136,13 @@ def _lookup(keys: list[str], *maps: dict) -> str:
 
 
 def run_ref(attrs: dict, scope: Scope) -> str:
-    """The run an item names by attribute (record, then scope, then resource), or ""."""
+    """The run an item names by attribute (record, then scope, then resource), or "".
+
+    A name no run can have (too long, holding a `/`) is not a name: the item goes to
+    its trace's run or its day run, as if it named none.
+    """
     run_id = _lookup(settings.OTLP_RUN_ATTRIBUTES, attrs, scope.attrs, scope.resource)
-    return run_id if len(run_id) <= 128 else ""
+    return "" if run_id_problem(run_id) else run_id
 
 
 def run_slug(attrs: dict, scope: Scope) -> str:
@@ -176,8 +182,23 @@ def context_attributes(data: dict) -> dict:
 
 
 def clean(data: dict, message: str = "") -> tuple[dict, str]:
-    """Redaction and PostgreSQL-safety of runs.ingest.scrub, for spans and metrics."""
-    rec = Record(_EPOCH, "otel", "info", "", "", data, "", None, message, None, "", "", "", "")
+    """Redaction and PostgreSQL-safety of run events (records.scrub), for spans and metrics."""
+    rec = Record(
+        ts=_EPOCH,
+        event="otel",
+        level="info",
+        slug="",
+        phase="",
+        data=data,
+        run_id="",
+        seq=None,
+        message=message,
+        pid=None,
+        host="",
+        request_id="",
+        trace_id="",
+        span_id="",
+    )
     scrub(None, rec)
     return rec.data, rec.message
 
@@ -190,7 +211,7 @@ _SEVERITY_LEVELS = ("debug", "debug", "info", "warn", "error", "error")  # per 4
 def _level(number: int, text: str) -> str:
     if 1 <= number <= 24:
         return _SEVERITY_LEVELS[(number - 1) // 4]
-    return LEVELS.get(text.strip().lower(), "info") if text else "info"
+    return LEVEL_ALIASES.get(text.strip().lower(), "info") if text else "info"
 
 
 def log_record(item: LogIn, received: datetime) -> Record:
@@ -228,20 +249,22 @@ def log_record(item: LogIn, received: datetime) -> Record:
     if not run_id:
         run_id = trace_run(item.trace_id) if item.trace_id else _day_run(scope, ts)
     return Record(
-        ts,
-        name,
-        _level(item.severity_number, item.severity_text),
-        run_slug(item.attrs, scope),
-        "",
-        data,
-        run_id,
-        None,
-        message,
-        derived["pid"],
-        derived["host"],
-        "",
-        item.trace_id,
-        item.span_id,
+        ts=ts,
+        event=name,
+        level=_level(item.severity_number, item.severity_text),
+        slug=run_slug(item.attrs, scope),
+        phase="",
+        data=data,
+        run_id=run_id,
+        seq=None,
+        message=message,
+        # The resource's process.pid stays in the data: it is the exporting process's,
+        # often a short-lived helper, not a promise of the run's life (orphans).
+        pid=None,
+        host=derived["host"],
+        request_id="",
+        trace_id=item.trace_id,
+        span_id=item.span_id,
     )
 
 

@@ -1,9 +1,9 @@
-"""The worker's side: store a spooled OTLP body (runs.ingest.BATCH_HANDLERS).
+"""The worker's side: store a spooled OTLP body (telemetry/receivers/otlp.py).
 
 Each handler decodes the body again with the request's code (codec.decode), maps
 the accepted items (mapping.py) and writes them:
 
-* logs become Events through `runs.ingest.store_records` (run resolution,
+* logs become Events through `telemetry.ingest.store.store_records` (run resolution,
   redaction, lifecycle, COPY);
 * spans are COPYed into a temporary table and moved with
   `INSERT … ON CONFLICT DO NOTHING`, so a retried export stores nothing twice;
@@ -15,15 +15,13 @@ The runs items open or touch are written by the helpers at the end of this modul
 from __future__ import annotations
 
 from datetime import datetime
-from functools import cache
-from typing import Any
 
-import orjson
 from django.conf import settings
 from django.db import connection
 
-from runs.ingest import copy_text, store_records
+from portal.db import copy_json, copy_text
 from runs.models import Run
+from telemetry.ingest.store import store_records
 from telemetry.otlp.codec import decode
 from telemetry.otlp.items import LOGS, METRICS, TRACES
 from telemetry.otlp.mapping import (
@@ -40,12 +38,6 @@ from telemetry.otlp.mapping import (
     span_parts,
     trace_run,
 )
-
-
-def _copy_json(value: Any) -> bytes:
-    # JSON escapes control characters itself; COPY needs its backslashes doubled.
-    return orjson.dumps(value, default=str).replace(b"\\", b"\\\\")
-
 
 # --- Logs -> Events ----------------------------------------------------------------
 
@@ -73,7 +65,7 @@ def store_logs_batch(batch, body: bytes) -> int:
         attrs = context_attributes(rec.data)
         if attrs:
             context.setdefault(rec.run.pk, {}).update(attrs)
-    _merge_run_attributes(context)
+    Run.objects.merge_attributes(context)
     return stored
 
 
@@ -159,7 +151,7 @@ def store_traces_batch(batch, body: bytes) -> int:
         key = id(scope)
         if key not in resources:
             resource, _ = clean(bounded(dict(scope.resource))[0])
-            resources[key] = _copy_json(resource)
+            resources[key] = copy_json(resource)
         text = "\t".join(
             (
                 str(project.pk),
@@ -179,11 +171,11 @@ def store_traces_batch(batch, body: bytes) -> int:
             )
         )
         append(text.encode())
-        append(_copy_json(attrs))
+        append(copy_json(attrs))
         append(b"\t")
         append(resources[key])
         append(b"\t")
-        append(_copy_json(events))
+        append(copy_json(events))
         append(b"\n")
 
     with connection.cursor() as cursor:
@@ -195,10 +187,7 @@ def store_traces_batch(batch, body: bytes) -> int:
             " FROM otlp_span_load ON CONFLICT (project_id, trace_id, span_id) DO NOTHING"
         )
         stored = cursor.rowcount
-    existing = {run_pks[r]: run for r, run in runs.items() if r not in created}
-    if existing:
-        _lock_runs(list(existing))
-        _update_span_runs(existing)
+    Run.objects.touch_from_spans({run_pks[r]: run for r, run in runs.items() if r not in created})
     return stored
 
 
@@ -233,9 +222,9 @@ def store_metrics_batch(batch, body: bytes) -> int:
                 "",
             )
         ).encode()
-        hist = _copy_json(item.histogram) if item.histogram is not None else b"\\N"
+        hist = copy_json(item.histogram) if item.histogram is not None else b"\\N"
         tail = f"\t{ns_time(item.time_ns).isoformat()}\totlp\t".encode()
-        parts.append(row + _copy_json(labels) + tail + hist + b"\n")
+        parts.append(row + copy_json(labels) + tail + hist + b"\n")
     with (
         connection.cursor() as cursor,
         cursor.copy(f"COPY runs_runmetric ({METRIC_COLUMNS}) FROM STDIN") as copy,
@@ -244,42 +233,21 @@ def store_metrics_batch(batch, body: bytes) -> int:
     return len(parts)
 
 
-# === Run writing ===================================================================
-# Creating the runs items name and updating the runs they touch. Kept together
-# because the runs app's single run writer replaces this whole section.
+# === Runs of traces ================================================================
+# A trace is one run: spans and records that name no run follow the run their trace
+# names; runs are created and updated by the run writer (RunQuerySet).
 
 
-# What a new run takes from the items that open it; every other column its default.
-_RUN_VARYING = {
-    "run_id": "text",
-    "slug": "text",
-    "started_at": "timestamptz",
-    "last_event_at": "timestamptz",
-    "status": "text",
-    "finished_at": "timestamptz",
-    "exit_clean": "boolean",
-    "duration_ms": "bigint",
-    "attributes": "jsonb",
-}
+def _new_run(slug: str, at: datetime) -> dict:
+    return {"slug": slug, "started_at": at, "status": Run.Status.RUNNING}
 
 
-@cache
-def _insert_runs_sql() -> tuple[str, list]:
-    """INSERT of new runs from one array per _RUN_VARYING column; the other columns take
-    the model's defaults, prepared by their fields as the ORM would."""
-    qn = connection.ops.quote_name
-    fields = [f for f in Run._meta.concrete_fields if not f.primary_key]
-    selects = [
-        f"v.{f.name}" if f.name in _RUN_VARYING else f"%s::{f.cast_db_type(connection)}"
-        for f in fields
-    ]
-    arrays = ", ".join(f"%s::{kind}[]" for kind in _RUN_VARYING.values())
-    sql = (
-        f"INSERT INTO {qn(Run._meta.db_table)} ({', '.join(qn(f.column) for f in fields)})"
-        f" SELECT {', '.join(selects)} FROM unnest({arrays}) AS v({', '.join(_RUN_VARYING)})"
-        " ON CONFLICT (project_id, run_id) DO NOTHING RETURNING run_id, id"
-    )
-    return sql, [f for f in fields if f.name not in _RUN_VARYING]
+def _ensure_runs(project, seeds: dict[str, dict]) -> tuple[dict[str, int], set[str]]:
+    """run_id -> Run.pk for every run of `seeds`, creating those not seen before, and
+    the run_ids created (written whole: a trace's run often opens and ends in one batch)."""
+    created = Run.objects.create_missing(project, seeds)
+    found = Run.objects.ids_by_run_id(project, [r for r in seeds if r not in created])
+    return {**found, **created}, set(created)
 
 
 _STORED_TRACE_RUNS = """
@@ -333,98 +301,3 @@ def _adopt_trace_spans(project, named: dict[str, str], run_pks: dict[str, int]) 
             [old, new],
         )
     Run.objects.filter(pk__in=old, events_count=0).delete()
-
-
-def _new_run(slug: str, at: datetime) -> dict:
-    return {"slug": slug, "started_at": at, "status": Run.Status.RUNNING}
-
-
-def _ensure_runs(project, wanted: dict[str, dict]) -> tuple[dict[str, int], set[str]]:
-    """run_id -> Run.pk, creating the runs not seen before, and the run_ids created.
-
-    A new run is written whole (slug, times, status, attributes from `wanted`) by one
-    INSERT … FROM unnest: a trace is a run of its own, so a batch of spans often opens
-    dozens of runs; bulk_create would prepare every field of every run in Python, and
-    an UPDATE after the INSERT would write each run twice.
-    """
-    if not wanted:
-        return {}, set()
-    runs = Run.objects.filter(project=project)
-    found = dict(runs.filter(run_id__in=list(wanted)).values_list("run_id", "id"))
-    missing = [run_id for run_id in wanted if run_id not in found]
-    created: set[str] = set()
-    if missing:
-        sql, constant = _insert_runs_sql()
-        template = Run(project=project)
-        params = [f.get_db_prep_save(getattr(template, f.attname), connection) for f in constant]
-        for name, kind in _RUN_VARYING.items():
-            values = [
-                run_id if name == "run_id" else wanted[run_id].get(name) for run_id in missing
-            ]
-            if kind == "jsonb":
-                values = [orjson.dumps(v or {}).decode() for v in values]
-            elif kind == "boolean":
-                values = [bool(v) for v in values]
-            params.append(values)
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            rows = cursor.fetchall()
-        found.update(rows)
-        created = {run_id for run_id, _ in rows}
-        if len(found) < len(wanted):  # created meanwhile by another batch
-            found.update(runs.filter(run_id__in=missing).values_list("run_id", "id"))
-    return found, created
-
-
-def _lock_runs(ids: list[int]) -> None:
-    # Same order as runs.ingest: two batches touching the same runs cannot deadlock.
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT id FROM runs_run WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [sorted(ids)]
-        )
-
-
-def _merge_run_attributes(context: dict[int, dict]) -> None:
-    """Put the newest work context (and service, role, agent) on each run."""
-    context = {pk: attrs for pk, attrs in context.items() if attrs}
-    if not context:
-        return
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE runs_run AS r SET attributes = r.attributes || v.attrs"
-            " FROM unnest(%s::bigint[], %s::jsonb[]) AS v(id, attrs) WHERE r.id = v.id",
-            [list(context), [orjson.dumps(a).decode() for a in context.values()]],
-        )
-
-
-def _update_span_runs(runs: dict[int, dict]) -> None:
-    """Spans are signs of life of a run that existed before the batch; the root span of
-    a trace finishes the run of that trace; the newest work context goes on the run."""
-    ids, firsts, lasts, statuses, ends, attrs = [], [], [], [], [], []
-    for pk, run in runs.items():
-        ids.append(pk)
-        firsts.append(run["started_at"])
-        lasts.append(run["last_event_at"])
-        statuses.append(run.get("finish", ""))
-        ends.append(run.get("end"))
-        attrs.append(orjson.dumps(run["attributes"]).decode())
-    finishing = "v.status <> '' AND r.status IN ('running', 'orphaned')"
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""UPDATE runs_run AS r SET
-                started_at = LEAST(r.started_at, v.first_at),
-                last_event_at = GREATEST(r.last_event_at, v.last_at),
-                status = CASE WHEN {finishing} THEN v.status
-                              WHEN r.status = 'orphaned' THEN 'running' ELSE r.status END,
-                finished_at = CASE WHEN {finishing} THEN v.end_at ELSE r.finished_at END,
-                exit_clean = CASE WHEN {finishing} THEN true ELSE r.exit_clean END,
-                duration_ms = CASE WHEN {finishing} THEN GREATEST(0, (1000 * extract(epoch
-                    FROM v.end_at - LEAST(r.started_at, v.first_at)))::bigint)
-                    ELSE r.duration_ms END,
-                attributes = r.attributes || v.attrs
-            FROM unnest(%s::bigint[], %s::timestamptz[], %s::timestamptz[], %s::text[],
-                        %s::timestamptz[], %s::jsonb[])
-                AS v(id, first_at, last_at, status, end_at, attrs)
-            WHERE r.id = v.id""",
-            [ids, firsts, lasts, statuses, ends, attrs],
-        )

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from runs.ingest import process_batch
+from telemetry.ingest.pipeline import process as process_batch
 from telemetry.models import IngestBatch
 
 

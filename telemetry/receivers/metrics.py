@@ -1,13 +1,13 @@
-"""Run metrics: from `POST /api/metrics/record` bodies to rows in `runs_runmetric`.
+"""`POST /api/metrics/record`: run metrics, from request bodies to rows in `runs_runmetric`.
 
-Like run events, two halves share one judge (`judge`), so an item the request
-counted as accepted is exactly an item the worker stores:
+Two halves share one judge (`judge`), so an item the request counted as accepted
+is exactly an item the worker stores:
 
-* the request (`parse_metrics`) judges every item and checks its run ids exist,
-  then the raw body is spooled as an IngestBatch of kind `metrics`;
+* the request (`parse_metrics`) judges every item and checks its run ids exist;
+  the pipeline spools the body as an IngestBatch of kind `metrics`;
 * the worker (`store_metrics_batch`) judges the spooled body again, prices token
-  metrics, writes every point with one `COPY` and adds to the runs' counters with
-  one `UPDATE`, in the transaction that marks the batch done.
+  metrics, writes every point with one `COPY` and adds to the runs' counters
+  (`Run.objects.add_usage`), in the transaction that marks the batch done.
 
 Standard names (GitTinkerer's `run_metrics`, Code Buddy's provider metrics) get
 their unit from `STANDARD_UNITS`; every other name is a custom metric.
@@ -23,18 +23,27 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
+from django.conf import settings
 from django.db import connection
+from django.http import HttpRequest
+from django.utils import timezone
+from ninja import Status
 
-from runs.ingest import (
-    _SECRET_KEY,
-    _SECRET_VALUE,
-    REDACTED,
-    LineError,
-    _parse_ts,
-    _redact_match,
-    copy_text,
+from portal.db import copy_text
+from portal.http import BodyError
+from runs.models import (
+    MAX_TOKENS,
+    ModelPrice,
+    PriceBook,
+    Project,
+    Run,
+    RunUsage,
+    run_id_problem,
 )
-from runs.models import ModelPrice, PriceBook, Project, Run
+from runs.timestamps import TimestampError, parse_timestamp
+from telemetry.ingest.receiver import Receiver, Refusal, Verdict
+from telemetry.ingest.redaction import REDACTED, is_secret_key, redact_text
+from telemetry.models import IngestBatch
 
 # name -> unit. `tokens_used` is GitTinkerer's total (input and output together).
 STANDARD_UNITS = {
@@ -53,23 +62,12 @@ MAX_UNIT = 32
 MAX_LABELS = 64
 MAX_LABEL_KEY = 100
 MAX_LABEL_VALUE = 200
-MAX_RUN_ID = 128
 MAX_ITEMS = 50_000
 MAX_COST = 10**7  # one point; Run.cost_usd holds up to 10^8
-MAX_TOKENS = 2**40  # as llm.call events: anything larger is not a token count
 
 
 class MetricError(ValueError):
     """One item is refused; the message names the field."""
-
-
-class BodyError(ValueError):
-    """The whole body is refused (400 or 413)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(slots=True)
@@ -154,12 +152,12 @@ def _labels(raw: Any) -> dict[str, str]:
 # distinct one is tested once, not once per point. Values are short, so the caches are small.
 @lru_cache(maxsize=4096)
 def _secret_key(key: str) -> bool:
-    return _SECRET_KEY.match(key) is not None
+    return is_secret_key(key)
 
 
 @lru_cache(maxsize=16384)
 def _safe_value(value: str) -> str:
-    return _SECRET_VALUE.sub(_redact_match, _clean(value))
+    return redact_text(_clean(value))
 
 
 def judge(obj: Any, default_at: datetime) -> Metric:
@@ -195,9 +193,9 @@ def judge(obj: Any, default_at: datetime) -> Metric:
         recorded_at = default_at
     else:
         try:
-            recorded_at = _parse_ts(at)
-        except LineError as exc:
-            raise MetricError(str(exc).replace("ts:", "recorded_at:", 1)) from None
+            recorded_at = parse_timestamp(at, "recorded_at")
+        except TimestampError as exc:
+            raise MetricError(str(exc)) from None
     unit = obj.get("unit")
     if unit is None:
         unit = STANDARD_UNITS.get(name, "")
@@ -212,8 +210,8 @@ def judge(obj: Any, default_at: datetime) -> Metric:
         run_id = str(run_id)
     elif not isinstance(run_id, str):
         raise MetricError("run_id: must be a string")
-    if len(run_id) > MAX_RUN_ID:
-        raise MetricError(f"run_id: longer than {MAX_RUN_ID} characters")
+    if run_id and (problem := run_id_problem(run_id)):
+        raise MetricError(f"run_id: {problem}")
     if "\x00" in run_id:  # not dropped like elsewhere: it would name another run
         raise MetricError("run_id: must not contain NUL characters")
     return Metric(name, value, _clean(unit), _labels(obj.get("labels")), recorded_at, run_id)
@@ -258,17 +256,11 @@ def judge_all(
 
 
 def run_pks(project: Project, run_ids: set[str], lock: bool = False) -> dict[str, int]:
-    """run_id -> Run.pk for the project's runs among `run_ids`, in one query.
-
-    With `lock`, the rows are locked in id order, as the events worker locks them,
-    so a metrics batch and an events batch touching the same runs cannot deadlock.
-    """
-    if not run_ids:
-        return {}
-    runs = Run.objects.filter(project=project, run_id__in=run_ids).order_by("id")
+    """run_id -> Run.pk for the project's runs among `run_ids`; locked (in id order,
+    as every receiver locks runs) when the worker adds to their counters."""
     if lock:
-        runs = runs.select_for_update()
-    return dict(runs.values_list("run_id", "id"))
+        return {run_id: run.pk for run_id, run in Run.objects.locked(project, run_ids).items()}
+    return Run.objects.ids_by_run_id(project, run_ids)
 
 
 def parse_metrics(
@@ -356,65 +348,24 @@ def copy_rows(project_id: int, metrics: list[Metric], source: str = "api") -> by
     return "".join(lines).encode()
 
 
-# The runs' counters, all runs of a batch in one statement: tokens and cost add up,
-# duration and exit code fill a gap only (the run's own events decide them first).
-_COUNTERS_SQL = """
-UPDATE runs_run AS r SET
-    tokens_in = r.tokens_in + v.tokens_in,
-    tokens_out = r.tokens_out + v.tokens_out,
-    cost_usd = r.cost_usd + v.cost_usd,
-    duration_ms = COALESCE(r.duration_ms, v.duration_ms),
-    exit_code = COALESCE(r.exit_code, v.exit_code)
-FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::numeric[], %s::bigint[], %s::int[])
-    AS v(id, tokens_in, tokens_out, cost_usd, duration_ms, exit_code)
-WHERE r.id = v.id
-"""
-
-
-@dataclass(slots=True)
-class _Counters:
-    tokens_in: int = 0
-    tokens_out: int = 0
-    cost_usd: Decimal = Decimal(0)
-    duration_ms: int | None = None
-    exit_code: int | None = None
-
-
-def run_counters(metrics: list[Metric]) -> dict[int, _Counters]:
+def run_usage(metrics: list[Metric]) -> dict[int, RunUsage]:
     """What the batch adds to each run; the last duration_ms/exit_code of a run counts."""
-    by_run: dict[int, _Counters] = {}
+    by_run: dict[int, RunUsage] = {}
     for m in metrics:
         if m.run_pk is None:
             continue
         if m.name == "tokens_in":
-            by_run.setdefault(m.run_pk, _Counters()).tokens_in += _tokens(m.value)
+            by_run.setdefault(m.run_pk, RunUsage()).tokens_in += _tokens(m.value)
         elif m.name == "tokens_out":
-            by_run.setdefault(m.run_pk, _Counters()).tokens_out += _tokens(m.value)
+            by_run.setdefault(m.run_pk, RunUsage()).tokens_out += _tokens(m.value)
         elif m.name == "cost_usd":
             cost = Decimal(repr(m.value)).quantize(Decimal("0.000001"))
-            by_run.setdefault(m.run_pk, _Counters()).cost_usd += cost
+            by_run.setdefault(m.run_pk, RunUsage()).cost_usd += cost
         elif m.name == "duration_ms" and m.value < 2**62:
-            by_run.setdefault(m.run_pk, _Counters()).duration_ms = int(m.value)
+            by_run.setdefault(m.run_pk, RunUsage()).duration_ms = int(m.value)
         elif m.name == "exit_code" and m.value.is_integer() and -(2**31) <= m.value < 2**31:
-            by_run.setdefault(m.run_pk, _Counters()).exit_code = int(m.value)
+            by_run.setdefault(m.run_pk, RunUsage()).exit_code = int(m.value)
     return by_run
-
-
-def _update_runs(by_run: dict[int, _Counters]) -> None:
-    if not by_run:
-        return
-    ids = sorted(by_run)
-    rows = [by_run[i] for i in ids]
-    params = [
-        ids,
-        [c.tokens_in for c in rows],
-        [c.tokens_out for c in rows],
-        [c.cost_usd for c in rows],
-        [c.duration_ms for c in rows],
-        [c.exit_code for c in rows],
-    ]
-    with connection.cursor() as cursor:
-        cursor.execute(_COUNTERS_SQL, params)
 
 
 def store_metrics(project: Project, metrics: list[Metric], book: PriceBook | None = None) -> int:
@@ -428,7 +379,7 @@ def store_metrics(project: Project, metrics: list[Metric], book: PriceBook | Non
         return 0
     with connection.cursor() as cursor, cursor.copy(COPY_METRICS) as copy:
         copy.write(copy_rows(project.pk, metrics))
-    _update_runs(run_counters(metrics))
+    Run.objects.add_usage(run_usage(metrics))
     return len(metrics)
 
 
@@ -448,3 +399,39 @@ def store_metrics_batch(batch, body: bytes) -> int:
     for m in metrics:
         m.run_pk = pks.get(m.run_id) if m.run_id else None
     return store_metrics(batch.project, metrics)
+
+
+class MetricsReceiver(Receiver):
+    kind = IngestBatch.Kind.METRICS
+    idempotency_prefix = "metrics:"
+
+    def max_bytes(self) -> int:
+        return settings.INGEST_MAX_BYTES
+
+    def check(self, request: HttpRequest) -> None:
+        content_type = request.content_type or "application/json"
+        if content_type not in CONTENT_TYPES:
+            raise Refusal(415, f"unsupported Content-Type {content_type!r}: send application/json")
+        # The time of items that carry none: the worker judges with the request's clock.
+        request.received_at = timezone.now()
+
+    def judge(self, request: HttpRequest, project: Project, body: bytes) -> Verdict:
+        if not body.strip():
+            raise Refusal(400, 'empty body: send a metric object or {"metrics": [...]}')
+        accepted, rejected, errors, unknown = parse_metrics(
+            project, body, request.received_at, settings.INGEST_MAX_ERRORS_REPORTED
+        )
+        summary = {"accepted": accepted, "rejected": rejected, "errors": errors}
+        return Verdict(accepted, summary, {"unknown_runs": unknown} if unknown else {})
+
+    def answer(self, request: HttpRequest, verdict: Verdict, batch: IngestBatch | None):
+        if batch is None:
+            return Status(400, {**verdict.summary, "batch": None})
+        return Status(202, {**batch.summary, "batch": batch.id})
+
+    def store(self, batch: IngestBatch, body: bytes) -> int:
+        return store_metrics_batch(batch, body)
+
+
+CONTENT_TYPES = {"application/json", "text/plain"}
+receiver = MetricsReceiver()

@@ -1,0 +1,72 @@
+"""What a protocol declares to come in through the pipeline (telemetry/ingest/pipeline.py).
+
+A receiver names its batch kind and body limit, says who is sending (`authenticate`),
+whether it can read the request (`check`), judges a body (`judge`: how many items it
+accepts, what to answer), words answers in its protocol (`answer`, `refuse`), and
+stores a spooled batch inside the worker's transaction (`store`). Receivers live in
+telemetry/receivers/, one module a protocol, listed in its RECEIVERS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from runs.models import Project
+from telemetry.models import IngestBatch
+
+
+class Refusal(Exception):
+    """The whole request is refused: an HTTP status, a message, optional headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass
+class Verdict:
+    """A receiver's judgement of one body."""
+
+    accepted: int
+    # What the answer says (and an Idempotency-Key retry says again): kept on the batch.
+    summary: dict = field(default_factory=dict)
+    # What changes the body's meaning for the worker (a default run id, …).
+    params: dict = field(default_factory=dict)
+    # The answer's body, when the protocol writes it while judging (OTLP).
+    response: bytes = b""
+
+
+class Receiver:
+    kind: str = ""  # IngestBatch.Kind
+    # An idempotency key namespace, or "" when the protocol has none.
+    idempotency_prefix: str | None = None
+
+    def max_bytes(self) -> int:
+        raise NotImplementedError
+
+    def authenticate(self, request: HttpRequest) -> Project:
+        """The sending project. The default: django-ninja's `project_auth` already did it."""
+        return request.auth
+
+    def check(self, request: HttpRequest) -> None:
+        """Refuse what cannot be read (content type); the body is not read yet."""
+
+    def judge(self, request: HttpRequest, project: Project, body: bytes) -> Verdict:
+        raise NotImplementedError
+
+    def answer(self, request: HttpRequest, verdict: Verdict, batch: IngestBatch | None):
+        raise NotImplementedError
+
+    def refuse(self, request: HttpRequest, refusal: Refusal) -> HttpResponse:
+        response = JsonResponse({"detail": refusal.message}, status=refusal.status)
+        for name, value in refusal.headers.items():
+            response[name] = value
+        return response
+
+    def store(self, batch: IngestBatch, body: bytes) -> int:
+        """Store one spooled body inside the worker's transaction; the items stored."""
+        raise NotImplementedError

@@ -1,0 +1,66 @@
+"""The retention job: runs by each project's policy (runs/retention.py), error reports
+by their own age and per-group cap, then the status page's record of the run."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from runs.retention import CHUNK, prune_runs
+from telemetry.health import record_retention
+from telemetry.models import ErrorGroup, ErrorReport
+
+REPORT_CHUNK = 5000
+
+logger = logging.getLogger(__name__)
+
+
+def prune() -> dict[str, int]:
+    """Apply every retention policy now. Returns runs deleted per project slug."""
+    result = prune_runs()
+    reports = prune_error_reports()
+    logger.info("retention: %s error report(s) deleted", reports, extra={"reports": reports})
+    record_retention(result, reports)
+    return result
+
+
+def prune_error_reports(now: datetime | None = None) -> int:
+    """Error reports follow their own policy: ERROR_REPORT_MAX_AGE_DAYS, and the newest
+    ERROR_REPORTS_PER_GROUP of each group. Groups stay (their count and triage state
+    are the record); see docs/errors.md."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.ERROR_REPORT_MAX_AGE_DAYS)
+    deleted = 0
+    while True:  # in chunks: a prune never holds long locks on the reports table
+        ids = list(
+            ErrorReport.objects.filter(received_at__lt=cutoff).values_list("id", flat=True)[
+                :REPORT_CHUNK
+            ]
+        )
+        if not ids:
+            break
+        deleted += ErrorReport.objects.filter(id__in=ids).delete()[0]
+    cap = settings.ERROR_REPORTS_PER_GROUP
+    # Only groups that ever had more reports than the cap can be over it.
+    crowded = list(ErrorGroup.objects.filter(count__gt=cap).values_list("id", flat=True))
+    for start in range(0, len(crowded), CHUNK):
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                DELETE FROM telemetry_errorreport WHERE id IN (
+                    SELECT id FROM (
+                        SELECT id, row_number() OVER (
+                            PARTITION BY group_id ORDER BY received_at DESC, id DESC
+                        ) AS rank
+                        FROM telemetry_errorreport WHERE group_id = ANY(%s)
+                    ) ranked WHERE rank > %s
+                )
+                """,
+                [crowded[start : start + CHUNK], cap],
+            )
+            deleted += cursor.rowcount
+    return deleted
