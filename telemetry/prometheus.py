@@ -38,7 +38,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
@@ -316,6 +317,12 @@ def allowed(request: HttpRequest) -> bool:
     return not token and _loopback(request)
 
 
+def wants_openmetrics(request: HttpRequest) -> bool:
+    # Not the library's choose_encoder(): it takes the name escaping from Accept (so the
+    # slow underscores path below for most scrapers) and varies the Content-Type with it.
+    return "application/openmetrics-text" in request.headers.get("Accept", "")
+
+
 @never_cache
 def metrics(request: HttpRequest) -> HttpResponse:
     if request.method not in ("GET", "HEAD"):
@@ -327,9 +334,14 @@ def metrics(request: HttpRequest) -> HttpResponse:
         )
         response["WWW-Authenticate"] = 'Bearer realm="runlens-metrics"'
         return response
-    # The library's own negotiation: OpenMetrics 1.0 when Accept names
-    # application/openmetrics-text (as Prometheus's does), else the 0.0.4 text format.
-    render, content_type = choose_encoder(request.headers.get("Accept", ""))
-    response = HttpResponse(render(registry), content_type=content_type)
+    if wants_openmetrics(request):
+        # allow-utf-8 rather than the default underscores escaping: measured, half the
+        # render time (docs/operations.md), because 0.26.0's underscores path escapes
+        # every sample's name character by character. Every name here is a legacy one,
+        # so both schemes give the same bytes (tests/test_prometheus.py checks).
+        body = openmetrics.generate_latest(registry, escaping=openmetrics.ALLOWUTF8)
+        response = HttpResponse(body, content_type=openmetrics.CONTENT_TYPE_LATEST)
+    else:
+        response = HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_PLAIN_0_0_4)
     response["Vary"] = "Accept"
     return response

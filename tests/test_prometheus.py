@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 from django.utils import timezone
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -218,6 +219,18 @@ def test_hostile_label_values_are_escaped_on_the_wire(client, world):
     for kwargs in ({}, OPENMETRICS):
         lines = client.get("/metrics", **kwargs).content.decode().splitlines()
         assert f'runlens_run_tokens_in{{project="acme",{escaped}}} 3000.0' in lines
+
+
+def test_openmetrics_names_read_the_same_under_both_escapings(world):
+    # The view renders with allow-utf-8 for speed; scrapers expect underscores (the default).
+    def render(escaping: str) -> list[bytes]:
+        text = openmetrics_exposition.generate_latest(prometheus.registry, escaping=escaping)
+        # The one figure that moves between two renders: the oldest pending batch's age.
+        return [line for line in text.splitlines() if b"_seconds " not in line]
+
+    utf8 = render(openmetrics_exposition.ALLOWUTF8)
+    assert len(utf8) > 50
+    assert utf8 == render(openmetrics_exposition.UNDERSCORES)
 
 
 FAMILIES = {  # the table in docs/operations.md: name (OpenMetrics), type, labels
