@@ -31,6 +31,15 @@ def record_request_id(record: logging.LogRecord) -> str:
     return found
 
 
+def housekeeping_level(changed: int) -> int:
+    """The level of a periodic task's line: INFO when it changed something, else DEBUG.
+
+    Beat runs housekeeping every 30 s; a line for every idle tick would bury the few
+    that say when runs were marked orphaned or data was deleted.
+    """
+    return logging.INFO if changed else logging.DEBUG
+
+
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = record_request_id(record)

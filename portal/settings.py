@@ -268,7 +268,16 @@ LOGGING = {
         }
     },
     "root": {"handlers": ["stdout"], "level": LOG_LEVEL},
-    "loggers": {"django.db.backends": {"level": "INFO"}},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        # Celery's per-task lines ("Task … received", "… succeeded in …s") and beat's
+        # "Sending due task": two or three INFO lines every 30 s for housekeeping alone,
+        # nothing to act on. Failures are ERROR and still show; LOG_LEVEL=DEBUG shows all.
+        **{
+            name: {"level": "WARNING" if LOG_LEVEL == "INFO" else LOG_LEVEL}
+            for name in ("celery.app.trace", "celery.worker.strategy", "celery.beat")
+        },
+    },
 }
 
 # GET /metrics: scrapers send `Authorization: Bearer <METRICS_TOKEN>`. Unset: only

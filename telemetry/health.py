@@ -326,6 +326,8 @@ def worker_heartbeat(self) -> None:
     """Beat sends this every 30 s: whichever worker takes it notes it is alive."""
     if not self.request.is_eager:
         record_worker(self.request.hostname or "")
+        # Nothing an operator acts on (the status page shows it): DEBUG only.
+        logger.debug("worker heartbeat: %s", self.request.hostname)
 
 
 @signals.worker_ready.connect

@@ -10,6 +10,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from portal.logging import housekeeping_level
 from runs.retention import CHUNK, prune_runs
 from telemetry.health import record_retention
 from telemetry.models import ErrorGroup, ErrorReport
@@ -23,7 +24,12 @@ def prune() -> dict[str, int]:
     """Apply every retention policy now. Returns runs deleted per project slug."""
     result = prune_runs()
     reports = prune_error_reports()
-    logger.info("retention: %s error report(s) deleted", reports, extra={"reports": reports})
+    logger.log(
+        housekeeping_level(reports),
+        "retention: %s error report(s) deleted",
+        reports,
+        extra={"reports": reports},
+    )
     record_retention(result, reports)
     return result
 

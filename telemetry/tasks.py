@@ -6,7 +6,7 @@ import logging
 
 from celery import shared_task
 
-from portal.logging import request_id_var
+from portal.logging import housekeeping_level, request_id_var
 from telemetry import ratelimit, retention
 from telemetry.ingest import pipeline
 from telemetry.models import IngestBatch
@@ -42,8 +42,12 @@ def sweep_pending() -> int:
     ids = IngestBatch.objects.stale_pending()
     for batch_id in ids:
         process_batch.delay(batch_id)
-    if ids:
-        logger.info("re-enqueued %s pending batch(es)", len(ids), extra={"batches": len(ids)})
+    logger.log(
+        housekeeping_level(len(ids)),
+        "sweep: %s pending batch(es) re-enqueued",
+        len(ids),
+        extra={"batches": len(ids)},
+    )
     return len(ids)
 
 
@@ -55,4 +59,12 @@ def purge_rate_counters() -> int:
 
 @shared_task(ignore_result=True)
 def prune() -> dict[str, int]:
-    return retention.prune()
+    deleted = retention.prune()
+    total = sum(deleted.values())
+    logger.log(
+        housekeeping_level(total),
+        "retention: %s run(s) deleted",
+        total,
+        extra={"runs_deleted": {slug: n for slug, n in deleted.items() if n}},
+    )
+    return deleted

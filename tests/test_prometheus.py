@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 from django.utils import timezone
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -212,7 +213,67 @@ def test_an_empty_installation_is_still_valid_openmetrics(client, db):
     assert value(parsed["runlens_ingest_backlog"], "runlens_ingest_backlog") == 0
 
 
-def test_label_values_are_escaped():
-    assert prometheus.escape_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
-    assert prometheus.number(1.0) == "1.0" and prometheus.number(float("inf")) == "+Inf"
-    assert prometheus.number(12345678.0) == "1.2345678e+07"
+def test_hostile_label_values_are_escaped_on_the_wire(client, world):
+    # Backslash first, then quote and newline: exactly what both formats specify.
+    escaped = 'slug="evil\\"slug\\\\with\\nnewline"'
+    for kwargs in ({}, OPENMETRICS):
+        lines = client.get("/metrics", **kwargs).content.decode().splitlines()
+        assert f'runlens_run_tokens_in{{project="acme",{escaped}}} 3000.0' in lines
+
+
+def test_openmetrics_names_read_the_same_under_both_escapings(world):
+    # The view renders with allow-utf-8 for speed; scrapers expect underscores (the default).
+    def render(escaping: str) -> list[bytes]:
+        text = openmetrics_exposition.generate_latest(prometheus.registry, escaping=escaping)
+        # The one figure that moves between two renders: the oldest pending batch's age.
+        return [line for line in text.splitlines() if b"_seconds " not in line]
+
+    utf8 = render(openmetrics_exposition.ALLOWUTF8)
+    assert len(utf8) > 50
+    assert utf8 == render(openmetrics_exposition.UNDERSCORES)
+
+
+FAMILIES = {  # the table in docs/operations.md: name (OpenMetrics), type, labels
+    "runlens_ingest_batches": ("counter", {"endpoint"}),
+    "runlens_ingest_records_accepted": ("counter", {"endpoint"}),
+    "runlens_ingest_records_rejected": ("counter", {"endpoint"}),
+    "runlens_ingest_items_stored": ("counter", {"endpoint"}),
+    "runlens_ingest_batch_latency_seconds": ("histogram", {"endpoint", "le"}),
+    "runlens_ingest_backlog": ("gauge", set()),
+    "runlens_ingest_oldest_pending_seconds": ("gauge", set()),
+    "runlens_runs_orphaned": ("gauge", set()),
+    "runlens_runs": ("gauge", {"project", "slug", "status"}),
+    "runlens_run_tokens_in": ("gauge", {"project", "slug"}),
+    "runlens_run_tokens_out": ("gauge", {"project", "slug"}),
+    "runlens_run_cost_usd": ("gauge", {"project", "slug"}),
+    "runlens_run_duration_seconds": ("histogram", {"project", "slug", "le"}),
+}
+
+
+def test_it_exposes_the_documented_families_and_nothing_else(client, world):
+    # Our own registry: no process_* or python_gc_* families from the default one.
+    parsed = families(client.get("/metrics", **OPENMETRICS).content.decode(), openmetrics_families)
+    found = {
+        name: (
+            family.type,
+            set().union(
+                *(s.labels for s in family.samples if not s.name.endswith(("_count", "_sum")))
+            ),
+        )
+        for name, family in parsed.items()
+    }
+    assert found == FAMILIES
+
+
+def test_prometheus_3s_accept_header_gets_openmetrics(client, world):
+    accept = (
+        "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+        "application/openmetrics-text;version=0.0.1;q=0.4,"
+        "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,"
+        "*/*;q=0.1"
+    )
+    response = client.get("/metrics", HTTP_ACCEPT=accept)
+    assert response["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert "Accept" in response["Vary"]
+    parsed = families(response.content.decode(), openmetrics_families)
+    assert value(parsed["runlens_ingest_backlog"], "runlens_ingest_backlog") == 1

@@ -137,7 +137,8 @@ def worker_log(tmp_path):
         "DATABASE_URL": database_url(),
         "CELERY_BROKER_URL": REDIS_URL,
         "PYTHONUNBUFFERED": "1",
-        "LOG_LEVEL": "INFO",
+        # DEBUG: Celery's own per-task lines are checked too, and INFO hides them.
+        "LOG_LEVEL": "DEBUG",
     }
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
