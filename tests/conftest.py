@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 
+import orjson
 import pytest
 from django.contrib.auth.models import User
 from django.db import connections
@@ -19,6 +20,7 @@ from django.test import Client
 
 from portal.celery import app as celery_app
 from runs.models import Project
+from tests.fixtures.otlp.payloads import to_json
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -127,5 +129,28 @@ def post_events(client, token, django_capture_on_commit_callbacks):
         url = "/api/ingest/events" + (f"?run_id={run_id}" if run_id else "")
         with django_capture_on_commit_callbacks(execute=True):
             return client.post(url, body, content_type=content_type, **extra)
+
+    return post
+
+
+@pytest.fixture
+def post_otlp(client, token, django_capture_on_commit_callbacks):
+    """POST an OTLP request to /v1/<signal> (protobuf, or its OTLP-JSON twin) and let the worker store it."""
+
+    def post(signal: str, message, *, json: bool = False, auth: str | None = None, gz=False):
+        """`message`: a protobuf request, or (with json=True) an OTLP-JSON dict as is."""
+        if json:
+            payload = message if isinstance(message, dict) else to_json(message)
+            body, content_type = orjson.dumps(payload), "application/json"
+        else:
+            body, content_type = message.SerializeToString(), "application/x-protobuf"
+        extra = {"HTTP_AUTHORIZATION": f"Bearer {token if auth is None else auth}"}
+        if gz:
+            body = gzip.compress(body)
+            extra["HTTP_CONTENT_ENCODING"] = "gzip"
+        with django_capture_on_commit_callbacks(execute=True):
+            response = client.post(f"/v1/{signal}", body, content_type=content_type, **extra)
+        assert response.status_code == 200, response.content
+        return response
 
     return post

@@ -12,8 +12,8 @@ from django.core.management import call_command
 from django.test import Client, override_settings
 from django.utils import timezone
 
-from telemetry import retention
 from runs.models import Run
+from telemetry import retention
 from telemetry.errors import (
     Occurrence,
     normalize_message,

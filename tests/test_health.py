@@ -12,9 +12,9 @@ from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 
-from telemetry.ingest import store
 from runs.models import Event, Run
 from telemetry import health
+from telemetry.ingest import store
 from telemetry.models import ErrorGroup, ErrorReport, IngestBatch
 from tests.conftest import ndjson, record
 

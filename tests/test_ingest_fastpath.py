@@ -16,11 +16,11 @@ import random
 
 import orjson
 import pytest
-from runs.timestamps import TimestampError, parse_timestamp
-from telemetry.ingest.records import LineError, Record, judge_body, normalize, parse_body, scrub
 
 import telemetry.ingest.records as records_module
+from runs.timestamps import TimestampError, parse_timestamp
 from telemetry.ingest import redaction, store
+from telemetry.ingest.records import LineError, Record, judge_body, normalize, parse_body, scrub
 
 BASE = {
     "ts": "2026-04-21T05:00:01.945+00:00",

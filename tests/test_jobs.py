@@ -12,10 +12,10 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from runs.models import Event, Run, RunBatch
-from telemetry.ingest import pipeline
-from telemetry.receivers import events
 from telemetry import tasks
+from telemetry.ingest import pipeline
 from telemetry.models import IngestBatch
+from telemetry.receivers import events
 from tests.conftest import ndjson, record
 
 

@@ -9,10 +9,10 @@ from decimal import Decimal
 
 import pytest
 from django.test import Client
-from telemetry.receivers.metrics import Metric, computed_costs, store_metrics
 
 from runs.models import ModelPrice, PriceBook, Run, RunMetric
 from telemetry.models import IngestBatch
+from telemetry.receivers.metrics import Metric, computed_costs, store_metrics
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-
 import orjson
 import pytest
 
@@ -26,30 +24,6 @@ from tests.fixtures.otlp.payloads import (
     to_json,
     traces_request,
 )
-
-
-@pytest.fixture
-def post_otlp(client, token, django_capture_on_commit_callbacks):
-    """POST an OTLP request (protobuf, or its OTLP-JSON twin) and let the worker store it."""
-
-    def post(signal: str, message, *, json: bool = False, auth: str | None = None, gz=False):
-        """`message`: a protobuf request, or (with json=True) an OTLP-JSON dict as is."""
-        if json:
-            payload = message if isinstance(message, dict) else to_json(message)
-            body, content_type = orjson.dumps(payload), "application/json"
-        else:
-            body, content_type = message.SerializeToString(), "application/x-protobuf"
-        extra = {"HTTP_AUTHORIZATION": f"Bearer {token if auth is None else auth}"}
-        if gz:
-            body = gzip.compress(body)
-            extra["HTTP_CONTENT_ENCODING"] = "gzip"
-        with django_capture_on_commit_callbacks(execute=True):
-            response = client.post(f"/v1/{signal}", body, content_type=content_type, **extra)
-        assert response.status_code == 200, response.content
-        return response
-
-    return post
-
 
 # --- One shape for both encodings ---------------------------------------------------
 
