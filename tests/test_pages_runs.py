@@ -587,8 +587,8 @@ def test_compare_shows_two_runs_side_by_side_with_phase_durations(
     # done-1: PLANNING 1 s → 12 s, WORKING 12 s → the clean exit at 31 s.
     # retry-1: PLANNING 5 s + 3 s (twice), WORKING 2 s, FAILED 0 ms (finished at once).
     rows = [row.split("</tr>")[0] for row in phases.split('<th scope="row">')[1:]]
-    assert rows[0].startswith("PLANNING") and "11.0 s" in rows[0] and "8.0 s (2×)" in rows[0]
-    assert rows[1].startswith("WORKING") and "19.0 s" in rows[1] and "2.0 s" in rows[1]
+    assert rows[0].startswith("PLANNING") and "11.0 s" in rows[0] and "8.00 s (2×)" in rows[0]
+    assert rows[1].startswith("WORKING") and "19.0 s" in rows[1] and "2.00 s" in rows[1]
     assert rows[2].startswith("FAILED") and "—" in rows[2] and "0 ms" in rows[2]
 
 
