@@ -689,7 +689,7 @@ def test_a_run_whose_reports_outlived_their_retention_says_why_none_is_listed(
     body = html(operator_client.get("/runs/done-1"))
     section = body[body.index('id="run-errors"') :].split("</section>")[0]
     assert "No errors reported" not in body
-    assert "counted 1 error event, but their error reports were removed by retention" in section
+    assert "counted 1 error event, but its error report was removed by retention" in section
     assert "kept for 30 days (<code>ERROR_REPORT_MAX_AGE_DAYS</code>)" in section
     link = '<a href="/runs/done-1?project=acme&amp;level=error#timeline">'
     assert link in section
