@@ -17,6 +17,7 @@ from portal.db import safe_text
 from portal.http import BodyError, read_body
 from runs import work_context
 from runs.models import (
+    LEVELS,
     Artifact,
     Event,
     Project,
@@ -26,8 +27,6 @@ from runs.models import (
 )
 
 router = Router(tags=["runs"])
-
-LEVEL_ORDER = ["debug", "info", "warn", "error"]
 
 
 def runs_for(request: HttpRequest):
@@ -181,7 +180,7 @@ def _events(run: Run, f: EventFilters):
     if f.filter:
         events = events.filter(event__startswith=f.filter)
     if f.level:
-        events = events.filter(level__in=LEVEL_ORDER[LEVEL_ORDER.index(f.level) :])
+        events = events.filter(level__in=LEVELS[LEVELS.index(f.level) :])
     events = work_context.filter_by(events, "data", work_context.wanted(f.model_dump()))
     return events.order_by("seq")
 

@@ -1,7 +1,9 @@
 """Operator pages for runs: the list, one run with its live timeline, artifacts, compare.
 
 One template per page; an htmx request gets a named partial of the same template,
-chosen by the element it targets (`HX-Target`), so page and fragment never drift.
+chosen by the element it targets (`HX-Target`, portal/pages.py), so page and
+fragment never drift. The run page's errors and spans sections are telemetry's
+(`telemetry_panels` template tags): this module never imports telemetry.
 Everything shown comes from agents and is untrusted: templates only ever escape it,
 and nothing agent-made goes into an `hx-*` attribute (links carry it in `href`,
 inside `hx-boost` containers; pollers take filters from hidden form fields).
@@ -20,10 +22,9 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import content_disposition_header
 from django.utils.text import slugify
 
+from portal.pages import page
 from runs import charts, insights, work_context
 from runs.models import LEVELS, Artifact, Event, Project, Run, diff_texts
-from telemetry.models import ErrorReport
-from telemetry.traces import run_traces
 
 RUNS_PAGE = 50
 TIMELINE_PAGE = 500
@@ -33,20 +34,6 @@ INLINE_MAX_BYTES = 2 * 1024 * 1024  # larger text artifacts are offered as a dow
 COMPARE_MAX_BYTES = 512 * 1024  # per side, for the diff of two same-named artifacts
 # Types a browser might run or render from our origin: always downloaded as opaque bytes.
 ACTIVE_TYPES = ("html", "xml", "svg", "javascript", "ecmascript", "pdf")
-
-
-def page(
-    request: HttpRequest, template: str, context: dict, partials: dict[str, str], status: int = 200
-) -> HttpResponse:
-    """Render the page, or the partial its htmx target names (not for history restores)."""
-    htmx = request.htmx
-    name = ""
-    if htmx and not htmx.history_restore_request:
-        name = partials.get(htmx.target or "", "")
-    response = render(request, f"{template}#{name}" if name else template, context, status=status)
-    # A cached fragment must never stand in for the page (back button, bfcache).
-    patch_vary_headers(response, ("HX-Request", "HX-Target"))
-    return response
 
 
 def as_id(value: str) -> int | None:
@@ -273,12 +260,8 @@ def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
             ingest_url=request.build_absolute_uri("/api/ingest/events"),
             api_url=request.build_absolute_uri("/api/runs/"),
         )
-        # The "Spans" section: the run's traces, linking to their waterfalls.
-        context["traces"], context["more_traces"] = run_traces(run)
-        # The "Errors" section: what this run fed into the error groups of /errors. Only
-        # error-level events and crashes make reports, so other runs skip the query.
-        if run.errors_count or run.status == Run.Status.CRASHED:
-            context["error_groups"] = ErrorReport.objects.groups_of_run(run)
+        # The "Errors" and "Spans" sections come from telemetry's template tags
+        # (`{% run_errors run %}`, `{% run_spans run %}`): runs never imports telemetry.
     return page(request, "runs/detail.html", context, {"timeline": "timeline"})
 
 

@@ -31,6 +31,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 
+from portal.pages import page
+
 logger = logging.getLogger(__name__)
 
 STARTED = time.monotonic()
@@ -372,8 +374,6 @@ def status_context() -> dict:
 @never_cache
 def status_page(request: HttpRequest) -> HttpResponse:
     """The health page: counters, backlog, workers, retention; polls its own panel."""
-    from runs.views import page
-
     return page(
         request, "telemetry/status.html", status_context(), {"status-panel": "status-panel"}
     )

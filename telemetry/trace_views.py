@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import render
-from django.utils.cache import patch_vary_headers
 
+from portal.pages import ANY_TARGET, page
 from telemetry import traces
 
 
@@ -22,12 +21,6 @@ def _trace_id(value: str) -> str:
     return trace_id
 
 
-def _render(request: HttpRequest, template: str, context: dict) -> HttpResponse:
-    response = render(request, template, context)
-    patch_vary_headers(response, ("HX-Request",))  # a fragment never stands in for a page
-    return response
-
-
 @login_required
 def trace_detail(request: HttpRequest, trace_id: str) -> HttpResponse:
     trace_id = _trace_id(trace_id)
@@ -35,7 +28,7 @@ def trace_detail(request: HttpRequest, trace_id: str) -> HttpResponse:
     trace = traces.load_trace(trace_id, project)
     if trace is None:
         raise Http404("No such trace.")
-    return _render(request, "telemetry/trace.html", {"trace": trace, "selected": None})
+    return page(request, "telemetry/trace.html", {"trace": trace, "selected": None})
 
 
 @login_required
@@ -49,12 +42,13 @@ def span_detail(request: HttpRequest, trace_id: str, span_id: str) -> HttpRespon
         raise Http404("No such span.")
     context = {"span": span, "events": traces.span_events(span), "selected": span}
     if request.htmx and not request.htmx.history_restore_request:
-        return _render(request, "telemetry/trace.html#span-detail", context)
+        # Opening a row loads its details only (target `find .span-detail`: no id).
+        return page(request, "telemetry/trace.html", context, {ANY_TARGET: "span-detail"})
     trace = traces.load_trace(trace_id, span.project.slug)
     # A span past the waterfall's cap is shown above it instead of in its row.
     shown = any(node.span.pk == span.pk for node in trace.rows) if trace else False
     context.update(trace=trace, selected_shown=shown)
-    return _render(request, "telemetry/trace.html", context)
+    return page(request, "telemetry/trace.html", context)
 
 
 @login_required
@@ -76,4 +70,4 @@ def span_stats(request: HttpRequest) -> HttpResponse:
         "service": service,
         "limit": traces.STATS_LIMIT,
     }
-    return render(request, "telemetry/spans.html", context)
+    return page(request, "telemetry/spans.html", context)

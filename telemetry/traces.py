@@ -28,6 +28,7 @@ from django.db.models import (
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from runs.formatting import duration
 from runs.models import Project, Run
 from telemetry.models import Span
 
@@ -51,24 +52,6 @@ def normalize_trace_id(value: str) -> str | None:
 
 def is_span_id(value: str) -> bool:
     return bool(SPAN_ID.fullmatch(value or ""))
-
-
-def format_ms(ms: float | None) -> str:
-    """A span duration: 0.42 ms, 12.5 ms, 340 ms, 1.25 s, 2m 05s."""
-    if ms is None:
-        return "—"
-    if ms < 10:
-        return f"{ms:.2f} ms"
-    if ms < 100:
-        return f"{ms:.1f} ms"
-    if ms < 1000:
-        return f"{ms:.0f} ms"
-    if ms < 60_000:
-        return f"{ms / 1000:.2f} s"
-    seconds = int(ms // 1000)
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60:02d}s"
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
 
 
 # --- The tree ---------------------------------------------------------------------
@@ -102,11 +85,11 @@ class Node:
 
     @property
     def duration(self) -> str:
-        return format_ms(self.span.duration_ms)
+        return duration(self.span.duration_ms)
 
     @property
     def starts(self) -> str:
-        return format_ms(self.start_ms)
+        return duration(self.start_ms)
 
     @property
     def linkable(self) -> bool:
@@ -293,7 +276,7 @@ class Trace:
 
     @property
     def duration(self) -> str:
-        return format_ms(self.duration_ms)
+        return duration(self.duration_ms)
 
     @property
     def errors(self) -> int:
@@ -416,7 +399,7 @@ def span_events(span: Span) -> list[dict]:
             {
                 "name": event.get("name", ""),
                 "time": moment,
-                "at": format_ms(at) if at is not None and at >= 0 else None,
+                "at": duration(at) if at is not None and at >= 0 else None,
                 "attributes": event.get("attributes") or {},
             }
         )
@@ -459,7 +442,7 @@ def run_traces(run: Run, limit: int = 50) -> tuple[list[dict], bool]:
     )
     for row in rows:
         row["root"] = roots.get(row["trace_id"], "")
-        row["duration"] = format_ms(_ms(row["end"] - row["start"]))
+        row["duration"] = duration(_ms(row["end"] - row["start"]))
     return rows, more
 
 

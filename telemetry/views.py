@@ -14,11 +14,11 @@ import orjson
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import get_object_or_404, redirect
 from django.utils import timezone
-from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
+from portal.pages import ANY_TARGET, page
 from telemetry.errors import parse_stack
 from telemetry.models import ErrorGroup, ErrorReport
 
@@ -70,22 +70,18 @@ def errors_list(request: HttpRequest) -> HttpResponse:
     groups = ErrorGroup.objects.select_related("project").search(query)
     if status != "all":
         groups = groups.filter(status=status)
-    page = Paginator(groups.order_by("-last_seen", "-id"), PAGE_SIZE).get_page(
+    shown = Paginator(groups.order_by("-last_seen", "-id"), PAGE_SIZE).get_page(
         request.GET.get("page")
     )
     context = {
-        "page": page,
-        "groups": _with_stats(list(page.object_list)),
+        "page": shown,
+        "groups": _with_stats(list(shown.object_list)),
         "status": status,
         "statuses": STATUS_FILTERS,
         "query": query,
     }
-    # A history restore (cache miss after "back") needs the whole page, not the fragment.
-    fragment = request.htmx and not request.htmx.history_restore_request
-    template = "telemetry/errors.html#groups" if fragment else "telemetry/errors.html"
-    response = render(request, template, context)
-    patch_vary_headers(response, ["HX-Request"])  # one URL, two bodies: caches must know
-    return response
+    # The filter form and the pager swap the groups only.
+    return page(request, "telemetry/errors.html", context, {ANY_TARGET: "groups"})
 
 
 @login_required
@@ -100,7 +96,7 @@ def error_detail(request: HttpRequest, group_id: int) -> HttpResponse:
         "frames": parse_stack(latest.stack) if latest else [],
         "context_items": _context_items(latest.context) if latest else [],
     }
-    return render(request, "telemetry/error_detail.html", context)
+    return page(request, "telemetry/error_detail.html", context)
 
 
 @login_required
@@ -113,7 +109,8 @@ def error_status(request: HttpRequest, group_id: int) -> HttpResponse:
         return HttpResponseBadRequest("status must be unresolved, resolved or ignored")
     group.set_status(status)
     if request.htmx:
-        return render(request, "telemetry/error_detail.html#status", {"group": group})
+        context = {"group": group}
+        return page(request, "telemetry/error_detail.html", context, {ANY_TARGET: "status"})
     return redirect("telemetry:error_detail", group_id=group.id)
 
 

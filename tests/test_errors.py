@@ -333,7 +333,7 @@ def test_the_detail_shows_frames_context_occurrences_run_and_request_id(operator
     assert "<code>renderUser</code>" in html and "<code>/static/app.3f9a2c1b.js</code>" in html
     assert '<tr class="library">' in html
     assert "req-page-0001" in html
-    assert 'href="/runs/run%2Fwith%20slash"' in html
+    assert 'href="/runs/run/with%20slash?project=acme"' in html  # its project's run
     assert "https://app.example.com/p?q=1" in html  # the context, as sent, as text
     assert operator_client.get("/errors/999999").status_code == 404
 

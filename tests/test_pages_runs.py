@@ -15,6 +15,8 @@ from django.utils import timezone
 
 from runs import views
 from runs.models import Artifact, Run
+from runs.retention import prune_error_reports
+from telemetry.models import ErrorReport
 from tests.conftest import ndjson, record
 
 HX_TIMELINE = {"HTTP_HX_REQUEST": "true", "HTTP_HX_TARGET": "timeline"}
@@ -523,7 +525,7 @@ def test_a_run_without_events_shows_how_to_send_them(operator_client, token, cli
     body = html(operator_client.get("/runs/empty%3Cb%3E'run"))
     assert "No runs yet" in body  # the first-trace help, with this run's id, escaped
     assert "api/ingest/events?run_id=empty%3Cb%3E%27run'" in body
-    assert "No artifacts. An agent uploads a file" in body
+    assert "No artifacts." in body and "How an agent uploads one" in body
     assert "/api/runs/empty%3Cb%3E%27run/artifacts/diff.patch" in body
     assert "<b>" not in body
 
@@ -600,8 +602,8 @@ def test_compare_shows_two_runs_side_by_side_with_phase_durations(
     # done-1: PLANNING 1 s → 12 s, WORKING 12 s → the clean exit at 31 s.
     # retry-1: PLANNING 5 s + 3 s (twice), WORKING 2 s, FAILED 0 ms (finished at once).
     rows = [row.split("</tr>")[0] for row in phases.split('<th scope="row">')[1:]]
-    assert rows[0].startswith("PLANNING") and "11.0 s" in rows[0] and "8.0 s (2×)" in rows[0]
-    assert rows[1].startswith("WORKING") and "19.0 s" in rows[1] and "2.0 s" in rows[1]
+    assert rows[0].startswith("PLANNING") and "11.0 s" in rows[0] and "8.00 s (2×)" in rows[0]
+    assert rows[1].startswith("WORKING") and "19.0 s" in rows[1] and "2.00 s" in rows[1]
     assert rows[2].startswith("FAILED") and "—" in rows[2] and "0 ms" in rows[2]
 
 
@@ -687,3 +689,97 @@ def test_the_run_page_lists_the_error_groups_the_run_fed(operator_client, post_e
     assert "<b>boom" not in section  # agent text, escaped
     assert '<td class="num">2</td>' in section
     assert "No errors reported by this run." in html(operator_client.get("/runs/good"))
+
+
+def test_a_run_whose_reports_outlived_their_retention_says_why_none_is_listed(
+    operator_client, finished
+):
+    """The counters say 1 error; the reports are gone: the section says why, not "no errors"."""
+    old = timezone.now() - timedelta(days=40)
+    ErrorReport.objects.filter(run=finished).update(received_at=old)
+    Run.objects.filter(pk=finished.pk).update(created=old, last_event_at=old, last_heartbeat=None)
+    assert prune_error_reports() == 1
+    body = html(operator_client.get("/runs/done-1"))
+    section = body[body.index('id="run-errors"') :].split("</section>")[0]
+    assert "No errors reported" not in body
+    assert "counted 1 error event, but its error report was removed by retention" in section
+    assert "kept for 30 days (<code>ERROR_REPORT_MAX_AGE_DAYS</code>)" in section
+    link = '<a href="/runs/done-1?project=acme&amp;level=error#timeline">'
+    assert link in section
+    # Where the link leads: the run's error events, still in its timeline.
+    errors = html(operator_client.get("/runs/done-1?project=acme&level=error"))
+    timeline = errors[errors.index('id="timeline"') :]
+    assert "tool.failed" in timeline and "git.commit" not in timeline
+
+
+def test_a_run_whose_reports_the_per_issue_cap_removed_says_so(
+    operator_client, post_events, settings
+):
+    settings.ERROR_REPORTS_PER_GROUP = 1
+    for run_id in ("first", "second"):
+        post_events(
+            ndjson(record("run.begin"), record("tool.bash", level="error", message="disk full")),
+            run_id=run_id,
+        )
+    assert prune_error_reports() == 1  # the group keeps the second run's report only
+    first = html(operator_client.get("/runs/first"))
+    section = first[first.index('id="run-errors"') :].split("</section>")[0]
+    assert "each issue keeps only its newest 1 report (<code>ERROR_REPORTS_PER_GROUP</code>)" in (
+        section
+    )
+    assert "level=error#timeline" in section
+    second = html(operator_client.get("/runs/second"))
+    assert 'id="errors-title"' in second and 'href="/errors/' in second
+
+
+# --- Layout: what the operator came for first -----------------------------------------
+
+SECTIONS = [
+    "run-summary",
+    "timeline",
+    "run-errors",
+    "run-spans",
+    "run-metrics",
+    "run-artifacts",
+    "run-lineage",
+]
+
+
+def sections(body: str) -> dict[str, tuple[str, dict]]:
+    """The run page's sections by id, in page order: (tag, attributes)."""
+    parser = _Collect()
+    parser.feed(body)
+    return {a["id"]: (tag, a) for tag, a in parser.elements if a.get("id") in SECTIONS}
+
+
+def test_the_run_page_shows_the_summary_then_the_timeline_then_the_rest(operator_client, finished):
+    body = html(operator_client.get("/runs/done-1"))
+    assert list(sections(body)) == SECTIONS
+    summary = body[body.index('id="run-summary"') :].split("</section>")[0]
+    facts = [part.split("</dt>")[0] for part in summary.split("<dt>")[1:]]
+    assert facts[:5] == ["Duration", "Exit code", "Tokens in / out", "Cost", "Errors / warnings"]
+
+
+def test_an_empty_section_is_one_line_not_a_box_with_a_heading(operator_client, finished):
+    """`finished` has an error, and no spans, metrics, artifacts or forks."""
+    body = html(operator_client.get("/runs/done-1"))
+    found = sections(body)
+    for name in ("run-spans", "run-metrics", "run-artifacts", "run-lineage"):
+        tag, attrs = found[name]
+        assert attrs["class"] == "empty-line", name
+    for heading in ("spans-title", "run-metrics-title", "artifacts-title", "lineage-title"):
+        assert f'id="{heading}"' not in body
+    for line in ("No spans.", "No metrics.", "No artifacts.", "Not a fork, and no forks."):
+        assert line in body
+    # A section with something to show is a card with its heading.
+    assert "card" in found["run-errors"][1]["class"] and 'id="errors-title"' in body
+    Artifact.store(finished, "notes.txt", b"hello", "text/plain")
+    body = html(operator_client.get("/runs/done-1"))
+    assert "card" in sections(body)["run-artifacts"][1]["class"] and "No artifacts." not in body
+
+
+def test_a_live_run_without_metrics_still_polls_for_its_first_ones(operator_client, live):
+    body = html(operator_client.get("/runs/live-1"))
+    tag, attrs = sections(body)["run-metrics"]
+    assert attrs["class"] == "empty-line"
+    assert attrs["hx-get"] == f"/run-metrics/{live.pk}" and attrs["hx-swap"] == "outerHTML"

@@ -8,41 +8,26 @@ from decimal import Decimal
 from urllib.parse import urlsplit
 
 from django import template
-from django.utils import timezone
 
+from runs import formatting
 from runs.models import LEVELS
 
 register = template.Library()
 
 
 @register.filter
-def duration(ms: int | None) -> str:
-    """450 ms, 12.3 s, 3m 04s, 1h 02m, 2d 03h."""
-    if ms is None:
-        return "—"
-    if ms < 1000:
-        return f"{ms} ms"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    seconds = int(seconds)
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d {seconds % 86400 // 3600:02d}h"
+def duration(value: float | Decimal | None, unit: str = "ms") -> str:
+    """A duration in milliseconds (`|duration`) or seconds (`|duration:"s"`): 340 ms,
+    1.20 s, 3m 04s, 2d 03h. The one formatter of the read side (runs/formatting.py)."""
+    if unit == "s" and isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        value = value * 1000
+    return formatting.duration(value)
 
 
 @register.filter
 def age(moment: datetime | None) -> str:
     """How long ago, as `doctor --runs` says it: 12s ago, 5m ago, 3h ago, never."""
-    if moment is None:
-        return "never"
-    seconds = max(0, int((timezone.now() - moment).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size * (2 if unit != "m" else 1):
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
+    return formatting.ago(moment)
 
 
 @register.filter
@@ -123,7 +108,4 @@ def as_text(value) -> str:
 @register.filter
 def clock(moment: datetime | None) -> str:
     """Time of day to the millisecond (UTC): what a timeline row needs."""
-    if moment is None:
-        return ""
-    moment = timezone.localtime(moment)
-    return moment.strftime("%H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+    return formatting.clock(moment)

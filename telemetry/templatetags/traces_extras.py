@@ -5,7 +5,7 @@ from __future__ import annotations
 from django import template
 from django.urls import reverse
 
-from telemetry.traces import format_ms, normalize_trace_id
+from telemetry.traces import normalize_trace_id
 
 register = template.Library()
 
@@ -21,9 +21,3 @@ def trace_url(trace_id) -> str:
         return ""
     normalized = normalize_trace_id(trace_id)
     return reverse("telemetry:trace", args=[normalized]) if normalized else ""
-
-
-@register.filter
-def ms(value) -> str:
-    """A duration in milliseconds as text: 0.42 ms, 340 ms, 1.25 s."""
-    return format_ms(value) if isinstance(value, int | float) else "—"

@@ -7,6 +7,7 @@ from datetime import datetime
 from django.core.management.base import BaseCommand
 from django.utils import timezone
 
+from runs.formatting import ago
 from runs.models import TERMINAL_PHASES, Run
 
 MAX_ROWS = 50
@@ -44,14 +45,7 @@ def verdict(run: Run, orphan_ids: set[int]) -> str:
 
 def age(run: Run, now: datetime) -> str:
     """How long since the run last showed life: its heartbeat or its newest event."""
-    seen = [t for t in (run.last_heartbeat, run.last_event_at) if t]
-    if not seen:
-        return "never"
-    seconds = max(0, int((now - max(seen)).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size * (2 if unit != "m" else 1):
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
+    return ago(run.last_seen_at, now)
 
 
 def repo(slug: str) -> str:

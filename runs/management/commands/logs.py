@@ -6,8 +6,8 @@ import json
 from time import sleep
 
 from django.core.management.base import BaseCommand, CommandError
-from django.utils import timezone
 
+from runs.formatting import clock
 from runs.models import Event, Run
 
 PAGE = 2000
@@ -26,7 +26,7 @@ def slug_candidates(name: str) -> list[str]:
 
 def human(event: Event) -> str:
     """`HH:MM:SS.mmm LEVEL  phase  event  key=value…`: one compact line for people."""
-    ts = timezone.localtime(event.ts).strftime("%H:%M:%S.%f")[:12]
+    ts = clock(event.ts)
     fields = [f"{key}={_value(value)}" for key, value in event.data.items()]
     if event.message:
         fields.insert(0, _value(event.message))
