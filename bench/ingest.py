@@ -55,9 +55,8 @@ sys.path.insert(1, str(ROOT))  # the portal's packages; bench/ itself is sys.pat
 from gitoma import make_records, ndjson  # noqa: E402
 
 if TYPE_CHECKING:  # Django is set up in main(), once DATABASE_URL names the bench database
-    from runs.ingest import Record
-
     from runs.models import Project
+    from telemetry.ingest.records import Record
 
 BENCH_DB = "runlens_bench"
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -241,7 +240,7 @@ class Workload:
 
 
 def build_workload(events: int, batch: int) -> Workload:
-    from runs import ingest
+    from telemetry.ingest import records as ingest
 
     records = make_records(events)
     batches = []
@@ -319,7 +318,7 @@ def phase_orm(rows: list[Record]) -> None:
 
 
 def phase_copy(url: str, rows: list[Record], postmaster: int | None) -> Timing:
-    from runs.ingest import COPY_EVENTS, copy_rows
+    from telemetry.ingest.store import COPY_EVENTS, copy_rows
 
     text = copy_rows(rows)  # formatting is the client's work: not timed here
     chunks = [text[i : i + COPY_CHUNK] for i in range(0, len(text), COPY_CHUNK)]
@@ -642,8 +641,12 @@ def stage_costs(work: Workload, sample: int) -> list[tuple[str, float]]:
     The same functions the portal runs, with the collector paused as they run it;
     the best of three runs, as this process has the machine to itself only mostly.
     """
-    from runs import ingest
+    from portal.http import read_body
     from runs.models import Run
+    from telemetry.ingest.pipeline import gc_paused
+    from telemetry.ingest.records import judge_body, parse_body, scrub
+    from telemetry.ingest.store import copy_rows
+    from telemetry.models import pack_body, unpack_body
 
     body = ndjson(work.records[:sample])
     gz = gzip.compress(body, 6)
@@ -653,7 +656,7 @@ def stage_costs(work: Workload, sample: int) -> list[tuple[str, float]]:
         best = float("inf")
         for _ in range(3):
             gc.collect()
-            with ingest.gc_paused():
+            with gc_paused():
                 start = time.perf_counter()
                 result = fn()
                 best = min(best, time.perf_counter() - start)
@@ -661,23 +664,21 @@ def stage_costs(work: Workload, sample: int) -> list[tuple[str, float]]:
         return result
 
     raw: list[bytes] = []
-    timed("request: gunzip (read_body)", lambda: ingest.read_body(io.BytesIO(gz), "gzip", 1 << 30))
-    ingest.read_body(io.BytesIO(gz), "gzip", 1 << 30, raw)
-    timed("request: judge lines (judge_body)", lambda: ingest.judge_body(body))
-    spooled = timed(
-        "request: spool (gzip kept as sent)", lambda: ingest.spool_body(body, "gzip", raw)
-    )
-    timed("worker: unspool (gunzip)", lambda: ingest.unspool_body(spooled))
+    timed("request: gunzip (read_body)", lambda: read_body(io.BytesIO(gz), "gzip", 1 << 30))
+    read_body(io.BytesIO(gz), "gzip", 1 << 30, raw)
+    timed("request: judge lines (judge_body)", lambda: judge_body(body))
+    spooled = timed("request: spool (gzip kept as sent)", lambda: pack_body(body, "gzip", raw))
+    timed("worker: unspool (gunzip)", lambda: unpack_body(spooled))
 
-    pairs = timed("worker: parse_body (with the body scan)", lambda: ingest.parse_body(body))[0]
-    timed("worker: scrub", lambda: [ingest.scrub(raw_line, rec) for raw_line, rec in pairs])
+    pairs = timed("worker: parse_body (with the body scan)", lambda: parse_body(body))[0]
+    timed("worker: scrub", lambda: [scrub(raw_line, rec) for raw_line, rec in pairs])
     rows = [rec for _, rec in pairs]
     runs: dict[str, Run] = {}
     for rec in rows:
         if rec.run_id not in runs:
             runs[rec.run_id] = Run(id=len(runs) + 1)
         rec.run = runs[rec.run_id]
-    timed("worker: copy_rows (COPY text)", lambda: ingest.copy_rows(rows))
+    timed("worker: copy_rows (COPY text)", lambda: copy_rows(rows))
     return out
 
 

@@ -171,9 +171,15 @@ def record_path(runs: int, items: int, repeat: int) -> tuple[float, float, int]:
     import orjson
     from django.db import transaction
     from django.utils import timezone
-    from runs.metrics import body_items, judge_all, parse_metrics, run_pks, store_metrics
 
     from runs.models import Project
+    from telemetry.receivers.metrics import (
+        body_items,
+        judge_all,
+        parse_metrics,
+        run_pks,
+        store_metrics,
+    )
 
     project = Project.objects.get(pk=1)
     body = orjson.dumps(

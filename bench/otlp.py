@@ -226,9 +226,9 @@ def phase_http(
 def stored_rows(requests: list, project) -> list:
     """The log records as the worker stores them, on runs that exist: the COPY baseline."""
     from django.utils import timezone
-    from runs.ingest import scrub
 
     from runs.models import Run
+    from telemetry.ingest.records import scrub
     from telemetry.otlp.codec import decode
     from telemetry.otlp.items import LOGS
     from telemetry.otlp.mapping import log_record

@@ -129,7 +129,7 @@ class ProjectToken(models.Model):
         return f"{self.prefix}… ({self.project})"
 
 
-# Runs the OTLP receiver opens for items that name no run (telemetry/otlp.py, docs/otlp.md):
+# Runs the OTLP receiver opens for items that name no run (telemetry/otlp/mapping.py, docs/otlp.md):
 # one per trace (`trace-<32 hex>`) or per service and UTC day (`<service>@YYYY-MM-DD`).
 # No process stands behind them, so nothing ever exits them cleanly: silence is not death.
 SYNTHETIC_RUN_IDS = Q(run_id__regex=r"^trace-[0-9a-f]{32}$") | Q(
@@ -138,9 +138,7 @@ SYNTHETIC_RUN_IDS = Q(run_id__regex=r"^trace-[0-9a-f]{32}$") | Q(
 
 
 # A run that showed one of these promised signs of life: its silence means it died.
-LIVENESS_SIGNALS = (
-    Q(watched=True) | Q(last_heartbeat__isnull=False) | Q(pid__isnull=False)
-)
+LIVENESS_SIGNALS = Q(watched=True) | Q(last_heartbeat__isnull=False) | Q(pid__isnull=False)
 
 
 class RunQuerySet(models.QuerySet):

@@ -2,7 +2,7 @@
 
 Gitoma events keep `work_rig`, `work_bead`, `work_mol` of `run.begin` (and
 `data.attributes`) on `Run.attributes`; OTLP keeps them in each event's `data` and
-the newest on the run, with `gt.role` and `gt.agent` (telemetry/otlp.py). Operators
+the newest on the run, with `gt.role` and `gt.agent` (telemetry/otlp/mapping.py). Operators
 filter by short names (`?rig=gastown&role=polecat`), one parameter per key, the
 same on the runs list, `GET /api/runs`, the run page's timeline and the events API.
 
@@ -25,7 +25,7 @@ PARAMS = {
     "role": "gt.role",
     "agent": "gt.agent",
 }
-MAX_VALUE = 200  # as telemetry/otlp.py bounds the values it puts on a run
+MAX_VALUE = 200  # as telemetry/otlp/mapping.py bounds the values it puts on a run
 
 
 def wanted(params) -> dict[str, str]:

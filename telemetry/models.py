@@ -130,22 +130,17 @@ class IngestBatch(models.Model):
     ) -> IngestBatch:
         """Store an accepted request body durably and hand it to a worker once committed.
 
-        `body` is the decompressed body; `raw` the bytes as received with `encoding`. A
-        gzip body is kept as it came: compressing megabytes again would cost the request
-        more than judging them. Anything else is zlib-compressed (level 1).
+        `body` is the decompressed body; `raw` the bytes as received with `encoding`
+        (see pack_body for what is kept).
 
         Every ingest endpoint answers only after this returns. With an Idempotency-Key,
         a retry racing the first request may have stored the key a moment earlier: that
         request's batch is returned and nothing is stored twice.
         """
-        if raw and encoding.strip().lower() in ("gzip", "x-gzip"):
-            stored = b"".join(raw)
-        else:
-            stored = zlib.compress(body, 1)
         fields = {
             "project": project,
             "kind": kind,
-            "body": stored,
+            "body": pack_body(body, encoding, raw),
             "params": params or {},
             "idempotency_key": idempotency_key,
             "request_id": request_id,
@@ -190,14 +185,7 @@ class IngestBatch(models.Model):
             f"SELECT body FROM {connection.ops.quote_name(self._meta.db_table)} WHERE id = %s",
             [self.pk],
         )
-        parts = []
-        data = data or b""
-        while data:
-            # ISA-L inflates ~3x faster than zlib; the body was checked by the request.
-            decompressor = isal_zlib.decompressobj(32 + zlib.MAX_WBITS)
-            parts.append(decompressor.decompress(data))
-            data = decompressor.unused_data
-        return b"".join(parts)
+        return unpack_body(data or b"")
 
     def enqueue(self) -> None:
         """Hand the batch to a worker once it is committed.
@@ -226,6 +214,27 @@ class IngestBatch(models.Model):
         self.body = b""
         self.summary = {**self.summary, "stored": stored}
         self.save(update_fields=["state", "processed_at", "attempts", "error", "body", "summary"])
+
+
+def pack_body(body: bytes, encoding: str, raw: list[bytes] | None) -> bytes:
+    """What the spool keeps of a judged body: a gzip body as it came (`raw`), anything
+    else zlib-compressed at level 1 (compressing megabytes again would cost the request
+    more than judging them)."""
+    if raw and encoding.strip().lower() in ("gzip", "x-gzip"):
+        return b"".join(raw)
+    return zlib.compress(body, 1)
+
+
+def unpack_body(data: bytes) -> bytes:
+    """The body pack_body kept: zlib's auto-detection reads both forms, and every member
+    of a multi-member gzip body, as portal.http.read_body read it."""
+    parts = []
+    while data:
+        # ISA-L inflates ~3x faster than zlib; the body was checked by the request.
+        decompressor = isal_zlib.decompressobj(32 + zlib.MAX_WBITS)
+        parts.append(decompressor.decompress(data))
+        data = decompressor.unused_data
+    return b"".join(parts)
 
 
 class ProjectLimits(models.Model):

@@ -135,7 +135,7 @@ def post_events(client, token, django_capture_on_commit_callbacks):
 
 @pytest.fixture
 def post_otlp(client, token, django_capture_on_commit_callbacks):
-    """POST an OTLP request to /v1/<signal> (protobuf, or its OTLP-JSON twin) and let the worker store it."""
+    """POST an OTLP request (protobuf, or its OTLP-JSON twin); the worker stores it."""
 
     def post(signal: str, message, *, json: bool = False, auth: str | None = None, gz=False):
         """`message`: a protobuf request, or (with json=True) an OTLP-JSON dict as is."""

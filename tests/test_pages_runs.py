@@ -15,8 +15,8 @@ from django.utils import timezone
 
 from runs import views
 from runs.models import Artifact, Run
-from runs.retention import prune_error_reports
 from telemetry.models import ErrorReport
+from telemetry.retention import prune_error_reports
 from tests.conftest import ndjson, record
 
 HX_TIMELINE = {"HTTP_HX_REQUEST": "true", "HTTP_HX_TARGET": "timeline"}

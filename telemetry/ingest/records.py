@@ -369,9 +369,7 @@ def _read_lines(
         nonlocal rejected
         rejected += 1
         if len(errors) < max_errors:
-            message = (
-                str(exc) if isinstance(exc, LineError) else f"invalid JSON: {exc}"
-            )
+            message = str(exc) if isinstance(exc, LineError) else f"invalid JSON: {exc}"
             errors.append({"line": number, "error": message[:300]})
 
     if body.lstrip()[:1] == b"[":

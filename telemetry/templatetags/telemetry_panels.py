@@ -35,7 +35,7 @@ def run_errors(run: Run) -> dict:
     without error events or a crash: only those make reports).
 
     A run can count error events whose reports are gone: retention
-    (`runs.retention.prune_error_reports`) deletes reports by age and caps each group
+    (`telemetry.retention.prune_error_reports`) deletes reports by age and caps each group
     at its newest reports, while the run's counters and events stay. The section then
     says which rule removed them instead of "no errors", which the counters contradict.
     """
