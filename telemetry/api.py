@@ -8,7 +8,7 @@ from ninja import Router, Schema
 
 from portal.api import project_auth
 from telemetry.ingest import pipeline
-from telemetry.receivers import events, metrics
+from telemetry.receivers import beacon, events, metrics
 
 router = Router(tags=["ingest"])
 
@@ -107,3 +107,66 @@ def record_metrics(request: HttpRequest):
     header to make retries of the same request a no-op.
     """
     return pipeline.accept(request, metrics.receiver)
+
+
+# --- The browser beacon ---------------------------------------------------------
+
+
+class BeaconOut(Schema):
+    accepted: bool
+    request_id: str
+
+
+_BEACON_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "`{level, message, error, stack, context: {url, ua, build}}`; other fields are "
+            "kept in the context. Sent as text/plain by navigator.sendBeacon, or as JSON."
+        ),
+        "content": {
+            "text/plain": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+}
+
+
+@router.api_operation(["OPTIONS"], "/frontend-log", include_in_schema=False)
+def frontend_log_preflight(request: HttpRequest, key: str = ""):
+    """CORS preflight (a fetch() with a JSON content type): the project's origins only."""
+    project = beacon.beacon_project(key)
+    origin = request.headers.get("Origin", "")
+    if project is None or not origin or not beacon.origin_allowed(request, project, origin):
+        return beacon.beacon_response(
+            request, 403, {"detail": "origin not allowed for this project"}
+        )
+    response = beacon.beacon_response(request, 204, None, cors_origin=origin)
+    response["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+    response["Access-Control-Allow-Headers"] = "Content-Type, X-Request-ID"
+    response["Access-Control-Max-Age"] = "86400"
+    return response
+
+
+@router.post(
+    "/frontend-log",
+    response={
+        202: BeaconOut,
+        400: ErrorOut,
+        403: ErrorOut,
+        413: ErrorOut,
+        415: ErrorOut,
+        429: ErrorOut,
+    },
+    openapi_extra=_BEACON_BODY,
+    summary="Report a front-end error (public beacon)",
+    tags=["errors"],
+)
+def frontend_log(request: HttpRequest, key: str = ""):
+    """Store one front-end error report and group it. Public; `?key=` names the project.
+
+    Limits: FRONTEND_LOG_MAX_BYTES (413 beyond) and FRONTEND_LOG_RATE requests per
+    minute per client address (429 with Retry-After). Browsers may call it from
+    the project's allowed origins.
+    """
+    return pipeline.accept(request, beacon.receiver)

@@ -2,7 +2,8 @@
 
 Request (`accept`): authenticate → read the body within the receiver's limit,
 decompressing while streaming → judge → spool durably (IngestBatch) → answer. A 2xx
-is only ever sent for a body committed to PostgreSQL.
+is only ever sent for a body committed to PostgreSQL (a receiver that is not spooled,
+the browser beacon, commits its row before answering).
 
 Worker (`process`): claim the batch → decompress → the receiver stores it → mark it
 done, all in one transaction: a batch is stored whole or not at all, and a second
@@ -42,7 +43,10 @@ def accept(request: HttpRequest, receiver: Receiver) -> HttpResponse:
         with gc_paused():
             verdict = receiver.judge(request, project, body)
         batch = None
-        if verdict.accepted:
+        if verdict.accepted and not receiver.spooled:
+            with transaction.atomic():
+                receiver.store_now(request, project, verdict)
+        elif verdict.accepted:
             batch = IngestBatch.spool(
                 project,
                 body,

@@ -3,8 +3,9 @@
 A receiver names its batch kind and body limit, says who is sending (`authenticate`),
 whether it can read the request (`check`), judges a body (`judge`: how many items it
 accepts, what to answer), words answers in its protocol (`answer`, `refuse`), and
-stores a spooled batch inside the worker's transaction (`store`). Receivers live in
-telemetry/receivers/, one module a protocol, listed in its RECEIVERS.
+stores a spooled batch inside the worker's transaction (`store`; `store_now` for the
+one receiver that writes before answering). Receivers live in telemetry/receivers/,
+one module a protocol, listed in its RECEIVERS.
 """
 
 from __future__ import annotations
@@ -38,10 +39,15 @@ class Verdict:
     params: dict = field(default_factory=dict)
     # The answer's body, when the protocol writes it while judging (OTLP).
     response: bytes = b""
+    # What a receiver that stores at once (not spooled) judged, for `store_now`.
+    items: list = field(default_factory=list)
 
 
 class Receiver:
     kind: str = ""  # IngestBatch.Kind
+    # Spooled receivers answer once the body is durable and a worker stores it; one
+    # that is not (the browser beacon: one small row) stores before answering.
+    spooled: bool = True
     # An idempotency key namespace, or "" when the protocol has none.
     idempotency_prefix: str | None = None
 
@@ -69,4 +75,9 @@ class Receiver:
 
     def store(self, batch: IngestBatch, body: bytes) -> int:
         """Store one spooled body inside the worker's transaction; the items stored."""
+        raise NotImplementedError
+
+    def store_now(self, request: HttpRequest, project: Project, verdict: Verdict) -> None:
+        """A receiver that is not spooled stores what it judged, in the request's
+        transaction, before the answer."""
         raise NotImplementedError

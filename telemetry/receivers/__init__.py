@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from telemetry.receivers import events, metrics, otlp
+from telemetry.receivers import beacon, events, metrics, otlp
 
 RECEIVERS = {
     receiver.kind: receiver
@@ -13,5 +13,6 @@ RECEIVERS = {
         otlp.logs,
         otlp.metrics,
         otlp.traces,
+        beacon.receiver,
     )
 }
