@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from ninja import Status
 
 from runs.models import Project
 from telemetry.models import IngestBatch
@@ -65,7 +66,11 @@ class Receiver:
         raise NotImplementedError
 
     def answer(self, request: HttpRequest, verdict: Verdict, batch: IngestBatch | None):
-        raise NotImplementedError
+        """The token endpoints' answer: 202 with the batch's summary, or 400 with the
+        verdict's when no item was accepted (nothing was spooled)."""
+        if batch is None:
+            return Status(400, {**verdict.summary, "batch": None})
+        return Status(202, {**batch.summary, "batch": batch.id})
 
     def refuse(self, request: HttpRequest, refusal: Refusal) -> HttpResponse:
         response = JsonResponse({"detail": refusal.message}, status=refusal.status)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.http import HttpRequest, JsonResponse
-from ninja import Status
+from django.http import HttpRequest
 
 from runs.models import Project, run_id_problem
 from telemetry.ingest.receiver import Receiver, Refusal, Verdict
@@ -50,11 +49,6 @@ class EventsReceiver(Receiver):
         summary = {"accepted": accepted, "rejected": rejected, "errors": errors}
         return Verdict(accepted, summary, {"run_id": run_id} if run_id else {})
 
-    def answer(self, request: HttpRequest, verdict: Verdict, batch: IngestBatch | None):
-        if batch is None:
-            return Status(400, {**verdict.summary, "batch": None})
-        return Status(202, {**batch.summary, "batch": batch.id})
-
     def store(self, batch: IngestBatch, body: bytes) -> int:
         # The request's line limit: the worker keeps exactly the lines it accepted.
         pairs, _, _ = parse_body(
@@ -64,7 +58,3 @@ class EventsReceiver(Receiver):
 
 
 receiver = EventsReceiver()
-
-
-def refused(status: int, detail: str) -> JsonResponse:
-    return JsonResponse({"detail": detail}, status=status)

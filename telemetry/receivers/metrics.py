@@ -27,7 +27,6 @@ from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest
 from django.utils import timezone
-from ninja import Status
 
 from portal.db import copy_text
 from portal.http import BodyError
@@ -423,11 +422,6 @@ class MetricsReceiver(Receiver):
         )
         summary = {"accepted": accepted, "rejected": rejected, "errors": errors}
         return Verdict(accepted, summary, {"unknown_runs": unknown} if unknown else {})
-
-    def answer(self, request: HttpRequest, verdict: Verdict, batch: IngestBatch | None):
-        if batch is None:
-            return Status(400, {**verdict.summary, "batch": None})
-        return Status(202, {**batch.summary, "batch": batch.id})
 
     def store(self, batch: IngestBatch, body: bytes) -> int:
         return store_metrics_batch(batch, body)
