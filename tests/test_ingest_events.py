@@ -4,6 +4,10 @@ import gzip
 import json
 import zlib
 
+import brotli
+import pytest
+import zstandard
+
 from runs.models import Event, Run
 from telemetry.models import IngestBatch
 from tests.conftest import ndjson, record
