@@ -1,15 +1,21 @@
 """Request bodies: read within a limit, decompressed while streaming.
 
 Shared by every endpoint that takes a body (ingest receivers, artifacts, heartbeats).
+Content-Encoding gzip, deflate, br and zstd are read; an empty value, `identity` or
+`UTF-8` (sent by some Sentry SDKs) mean none.
 """
 
 from __future__ import annotations
 
 import zlib
 
+import brotli
+import zstandard
 from isal import isal_zlib
 
 CHUNK = 64 * 1024
+NO_ENCODING = {"", "identity", "utf-8", "utf8"}
+ENCODINGS = "gzip, deflate, br or zstd"
 
 
 class BodyError(Exception):
@@ -25,21 +31,12 @@ def read_body(stream, encoding: str, limit: int, raw: list[bytes] | None = None)
     """Read and decompress a request body, refusing it as soon as it passes `limit`.
 
     The limit applies to the decompressed size and is enforced while streaming,
-    so a small gzip bomb is cut off after `limit` bytes of output, not after
-    inflating it in memory. The bytes as received are appended to `raw` if given.
+    so a small bomb is cut off after `limit` bytes of output, not after inflating
+    it in memory. The bytes as received are appended to `raw` if given. A body cut
+    short inside its compressed stream is refused (400), whatever came out so far.
     """
-    encoding = (encoding or "identity").strip().lower()
-    if encoding in ("", "identity"):
-        decompressor = None
-    elif encoding in ("gzip", "x-gzip"):
-        # ISA-L inflates gzip ~3x faster than zlib, with zlib's interface.
-        decompressor = isal_zlib.decompressobj(16 + zlib.MAX_WBITS)
-    elif encoding == "deflate":
-        decompressor = zlib.decompressobj(32 + zlib.MAX_WBITS)  # zlib or gzip header
-    else:
-        raise BodyError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
-
-    gzipped = encoding in ("gzip", "x-gzip")
+    encoding = (encoding or "").strip().lower()
+    decoder = _decoder(encoding)
     out = bytearray()
     raw_seen = 0
     while True:
@@ -51,33 +48,109 @@ def read_body(stream, encoding: str, limit: int, raw: list[bytes] | None = None)
             raise BodyError(413, f"body larger than {limit} bytes")
         if raw is not None:
             raw.append(chunk)
-        if decompressor is None:
+        if decoder is None:
             out += chunk
         else:
             try:
-                data = chunk
-                while data:
-                    out += decompressor.decompress(data, limit + 1 - len(out))
-                    if len(out) > limit:
-                        break
-                    data = decompressor.unconsumed_tail
-                    if not data and decompressor.eof and decompressor.unused_data and gzipped:
-                        # Several gzip members one after the other (`cat a.gz b.gz`, a
-                        # shipper appending): each is read, as gunzip reads them.
-                        data = decompressor.unused_data
-                        decompressor = isal_zlib.decompressobj(16 + zlib.MAX_WBITS)
-            except (zlib.error, isal_zlib.error):
-                if encoding == "deflate" and raw_seen == len(chunk) and not out:
-                    # Some clients send raw deflate without the zlib header.
-                    decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
-                    try:
-                        out += decompressor.decompress(chunk, limit + 1)
-                    except zlib.error:
-                        raise BodyError(400, "body is not valid deflate data") from None
-                else:
-                    raise BodyError(400, f"body is not valid {encoding} data") from None
+                decoder.feed(chunk, out, limit)
+            except (zlib.error, isal_zlib.error, brotli.error, zstandard.ZstdError):
+                raise BodyError(400, f"body is not valid {encoding} data") from None
         if len(out) > limit:
             raise BodyError(413, f"body larger than {limit} bytes after decompression")
-    if decompressor is not None and not decompressor.eof and out:
+    if decoder is not None and raw_seen and not decoder.finished:
         raise BodyError(400, f"body is truncated {encoding} data")
     return bytes(out)
+
+
+def _decoder(encoding: str):
+    if encoding in NO_ENCODING:
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return _Zlib(gzip=True)
+    if encoding == "deflate":
+        return _Zlib(gzip=False)
+    if encoding == "br":
+        return _Brotli()
+    if encoding == "zstd":
+        return _Zstd()
+    raise BodyError(415, f"unsupported Content-Encoding {encoding!r}: use {ENCODINGS}")
+
+
+class _Zlib:
+    """gzip (every member of a multi-member body, as gunzip reads them) and deflate
+    (zlib-wrapped, gzip, or raw as some clients send it)."""
+
+    def __init__(self, gzip: bool):
+        self.gzip = gzip
+        self.started = False
+        # ISA-L inflates gzip ~3x faster than zlib, with zlib's interface.
+        self.inflate = (
+            isal_zlib.decompressobj(16 + zlib.MAX_WBITS)
+            if gzip
+            else zlib.decompressobj(32 + zlib.MAX_WBITS)
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.inflate.eof
+
+    def feed(self, data: bytes, out: bytearray, limit: int) -> None:
+        first, self.started = not self.started, True
+        try:
+            self._feed(data, out, limit)
+        except zlib.error:
+            if self.gzip or not first or out:
+                raise
+            self.inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, no header
+            self._feed(data, out, limit)
+
+    def _feed(self, data: bytes, out: bytearray, limit: int) -> None:
+        while data:
+            out += self.inflate.decompress(data, limit + 1 - len(out))
+            if len(out) > limit:
+                return
+            data = self.inflate.unconsumed_tail
+            if not data and self.inflate.eof and self.inflate.unused_data and self.gzip:
+                data = self.inflate.unused_data
+                self.inflate = isal_zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+
+class _Brotli:
+    def __init__(self):
+        self.inflate = brotli.Decompressor()
+
+    @property
+    def finished(self) -> bool:
+        return self.inflate.is_finished()
+
+    def feed(self, data: bytes, out: bytearray, limit: int) -> None:
+        out += self.inflate.process(data, output_buffer_limit=limit + 1 - len(out))
+        while len(out) <= limit and not self.inflate.can_accept_more_data():
+            out += self.inflate.process(b"", output_buffer_limit=limit + 1 - len(out))
+
+
+class _Zstd:
+    # zstandard's streaming decoder cannot bound its output, and a few bytes of an RLE
+    # block expand to 128 KB: input goes in small slices so that a bomb passes the
+    # limit by at most a few MB before it is refused.
+    SLICE = 256
+
+    def __init__(self):
+        self.inflate = zstandard.ZstdDecompressor().decompressobj()
+
+    @property
+    def finished(self) -> bool:
+        return self.inflate.eof
+
+    def feed(self, data: bytes, out: bytearray, limit: int) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), self.SLICE):
+            piece = view[start : start + self.SLICE]
+            while piece:
+                if self.inflate.eof:
+                    # Frames one after the other: each is read, as zstd -d reads them.
+                    self.inflate = zstandard.ZstdDecompressor().decompressobj()
+                out += self.inflate.decompress(piece)
+                if len(out) > limit:
+                    return
+                piece = self.inflate.unused_data if self.inflate.eof else b""

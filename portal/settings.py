@@ -243,6 +243,14 @@ TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0)
 # Write requests per minute per project on the token endpoints, unless the
 # project's limits say otherwise (admin: Project limits). 0 = unlimited.
 INGEST_RATE_PER_MINUTE = env_int("INGEST_RATE_PER_MINUTE", 1200)
+# The portal's public base URL, as clients reach it: Sentry DSNs and links in alerts
+# are built from it. Default: the address `make run` serves.
+RUNLENS_URL = env_str("RUNLENS_URL", f"http://127.0.0.1:{env_int('PORT', 8000)}").rstrip("/")
+if not RUNLENS_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(f"RUNLENS_URL must start with http:// or https://, got {RUNLENS_URL!r}")
+# Sentry envelopes and events (POST /api/<project id>/envelope/ and /store/): body limit
+# after decompression (413 beyond).
+SENTRY_MAX_BYTES = env_int("SENTRY_MAX_BYTES", 20 * 1024 * 1024, minimum=64 * 1024)
 # Error reports: kept this many days, and at most this many (the newest) per group.
 ERROR_REPORT_MAX_AGE_DAYS = env_int("ERROR_REPORT_MAX_AGE_DAYS", 30, minimum=1)
 ERROR_REPORTS_PER_GROUP = env_int("ERROR_REPORTS_PER_GROUP", 200, minimum=1)

@@ -93,6 +93,13 @@ class Project(models.Model):
             self.public_key = secrets.token_hex(16)
         super().save(*args, **kwargs)
 
+    @property
+    def dsn(self) -> str:
+        """The Sentry DSN of the project: `<scheme>://<public key>@<host>/<project id>`,
+        the host from RUNLENS_URL (docs/sentry.md)."""
+        scheme, _, rest = settings.RUNLENS_URL.partition("://")
+        return f"{scheme}://{self.public_key}@{rest}/{self.pk}"
+
     def create_token(self, label: str = "") -> str:
         """Make a new ingest token. The plain value exists only in the return value."""
         token = "rl_" + secrets.token_urlsafe(32)

@@ -227,8 +227,24 @@ class Occurrence:
     fallback_type: str = ""
     # When the stack has no frame: where it happened (page path, event and phase).
     fallback_culprit: str = ""
+    # Sentry events are grouped by their own rules (telemetry/sentry/grouping.py): the
+    # key to hash, the title and the culprit, instead of those read from the text.
+    group_key: str = ""
+    given_title: str = ""
+    given_culprit: str = ""
+    event_id: str = ""
+    release: str = ""
+    environment: str = ""
+    event: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.group_key:
+            self.frames = []
+            self.type = ""
+            self.title = _cut(self.given_title or "(no message)", 255)
+            self.culprit = _cut(self.given_culprit, 255)
+            self.fingerprint = hashlib.sha256(self.group_key.encode()).hexdigest()
+            return
         self.frames = parse_stack(self.stack)
         self.type, detail = self._type_and_detail()
         frame = top_frame(self.frames)
@@ -274,6 +290,10 @@ class Occurrence:
             run_id=self.run_id,
             event_seq=self.event_seq,
             received_at=self.received_at,
+            event_id=self.event_id,
+            release=self.release,
+            environment=self.environment,
+            event=self.event,
         )
 
 

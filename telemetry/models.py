@@ -73,6 +73,7 @@ class IngestBatch(models.Model):
         OTLP_LOGS = "otlp_logs"
         OTLP_METRICS = "otlp_metrics"
         OTLP_TRACES = "otlp_traces"
+        SENTRY = "sentry"
 
     id = models.BigAutoField(primary_key=True)
     project = models.ForeignKey(Project, models.CASCADE, related_name="batches")
@@ -410,10 +411,23 @@ class ErrorReport(models.Model):
     )
     event_seq = models.BigIntegerField(null=True, blank=True)
     received_at = models.DateTimeField(default=timezone.now)
+    # Sentry events: the client's event id (stored once per project), release and
+    # environment (filters, counts), and the whole event as stored, for the detail page.
+    event_id = models.CharField(max_length=32, blank=True)
+    release = models.CharField(max_length=200, blank=True)
+    environment = models.CharField(max_length=64, blank=True)
+    event = models.JSONField(default=dict, blank=True)
 
     objects = ErrorReportQuerySet.as_manager()
 
     class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "event_id"],
+                condition=~Q(event_id=""),
+                name="errorreport_project_event_id",
+            )
+        ]
         indexes = [
             models.Index(fields=["group", "-received_at"], name="errorreport_group_recent"),
             BrinIndex(fields=["received_at"], name="errorreport_received_brin"),
@@ -421,6 +435,25 @@ class ErrorReport(models.Model):
 
     def __str__(self) -> str:
         return f"report {self.id} of group {self.group_id}"
+
+
+class EnvelopeItemCount(models.Model):
+    """Sentry envelope items Runlens does not store (sessions, client reports,
+    attachments, profiles, replays, types to come), counted per project and type:
+    skipped, never fatal, and visible on /status."""
+
+    project = models.ForeignKey(Project, models.CASCADE, related_name="+")
+    item_type = models.CharField(max_length=64)
+    count = models.BigIntegerField(default=0)
+    last_seen = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "item_type"], name="envelopeitem_type")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.item_type}: {self.count}"
 
 
 class Span(models.Model):

@@ -4,6 +4,10 @@ import gzip
 import json
 import zlib
 
+import brotli
+import pytest
+import zstandard
+
 from runs.models import Event, Run
 from telemetry.models import IngestBatch
 from tests.conftest import ndjson, record
@@ -204,6 +208,24 @@ def test_garbage_after_a_gzip_member_is_a_400(client, token):
     )
     assert response.status_code == 400
     assert Event.objects.count() == 0
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "UTF-8", ""])
+def test_every_content_encoding_an_sdk_sends_is_read(client, token, encoding):
+    body = ndjson(record("a.b"), record("a.c"))
+    if encoding == "br":
+        body = brotli.compress(body)
+    elif encoding == "zstd":
+        body = zstandard.ZstdCompressor().compress(body)
+    response = client.post(
+        "/api/ingest/events?run_id=r",
+        body,
+        content_type="application/x-ndjson",
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+        HTTP_CONTENT_ENCODING=encoding,
+    )
+    assert response.status_code == 202, response.content
+    assert response.json()["accepted"] == 2
 
 
 def test_truncated_gzip_is_a_400(client, token):

@@ -8,8 +8,10 @@ import time
 import tracemalloc
 import zlib
 
+import brotli
 import orjson
 import pytest
+import zstandard
 from django.db import connection
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
@@ -279,13 +281,17 @@ def test_it_reads_the_specification_metrics_example(send):
     }
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw-deflate"])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw-deflate", "br", "zstd"])
 def test_it_accepts_compressed_bodies(send, encoding):
     body = logs_request(log("bd.call")).SerializeToString()
     if encoding == "gzip":
         body = gzip.compress(body)
     elif encoding == "deflate":
         body = zlib.compress(body)
+    elif encoding == "br":
+        body = brotli.compress(body)
+    elif encoding == "zstd":
+        body = zstandard.ZstdCompressor().compress(body)  # what the Collector may send
     else:
         body = zlib.compress(body)[2:-4]  # deflate without the zlib header
     response = send("/v1/logs", body, content_encoding=encoding.removeprefix("raw-"))
@@ -293,10 +299,25 @@ def test_it_accepts_compressed_bodies(send, encoding):
     assert Event.objects.get().event == "bd.call"
 
 
-def test_it_refuses_zstd_which_it_cannot_read(send):
-    response = send("/v1/logs", b"\x28\xb5\x2f\xfd", content_encoding="zstd")
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_a_compressed_body_cut_short_is_a_400_even_when_nothing_came_out(send, encoding):
+    whole = {
+        "gzip": gzip.compress,
+        "deflate": zlib.compress,
+        "br": brotli.compress,
+        "zstd": zstandard.ZstdCompressor().compress,
+    }[encoding](logs_request(log("bd.call")).SerializeToString())
+    for cut in (4, len(whole) // 2):
+        response = send("/v1/logs", whole[:cut], content_encoding=encoding)
+        assert response.status_code == 400, (encoding, cut)
+        assert "truncated" in _status(response)[1]
+    assert not Event.objects.exists()
+
+
+def test_it_refuses_an_encoding_it_does_not_know(send):
+    response = send("/v1/logs", b"\x00", content_encoding="compress")
     assert response.status_code == 415
-    assert "zstd" in _status(response)[1]
+    assert "gzip, deflate, br or zstd" in _status(response)[1]
 
 
 def test_it_is_durable_before_it_answers(client, token):

@@ -25,6 +25,16 @@ def test_createproject_prints_a_working_token_alone_on_the_last_line(db):
     assert "shown once" in err.getvalue()
 
 
+def test_createproject_prints_the_sentry_dsn_on_a_line_of_its_own(db, settings):
+    settings.RUNLENS_URL = "https://runlens.example.com:8443"
+    out = io.StringIO()
+    call_command("createproject", "Code Buddy", stdout=out, stderr=io.StringIO())
+    dsn, token = out.getvalue().strip().splitlines()[-2:]
+    project = Project.objects.get(slug="code-buddy")
+    assert dsn == f"https://{project.public_key}@runlens.example.com:8443/{project.pk}"
+    assert Project.for_token(token) == project
+
+
 def test_rotating_tokens_revokes_the_old_ones(project):
     old = project.create_token()
     new = project.rotate_tokens()

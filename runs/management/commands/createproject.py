@@ -4,7 +4,10 @@ from runs.models import Project
 
 
 class Command(BaseCommand):
-    help = "Create a project and print its new ingest token (alone on the last line)."
+    help = (
+        "Create a project; print its Sentry DSN on a line of its own, then its new ingest "
+        "token alone on the last line."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("name")
@@ -20,4 +23,5 @@ class Command(BaseCommand):
             f"Created project {project.name!r} (slug {project.slug}, id {project.id}).\n"
             "The ingest token below is shown once; store it now."
         )
+        self.stdout.write(project.dsn)  # the Sentry DSN: SENTRY_DSN=<this line>
         self.stdout.write(token)
