@@ -247,7 +247,7 @@ INGEST_RATE_PER_MINUTE = env_int("INGEST_RATE_PER_MINUTE", 1200)
 # are built from it. Default: the address `make run` serves.
 RUNLENS_URL = env_str("RUNLENS_URL", f"http://127.0.0.1:{env_int('PORT', 8000)}").rstrip("/")
 if not RUNLENS_URL.startswith(("http://", "https://")):
-    raise ImproperlyConfigured(f"RUNLENS_URL must start with http:// or https://, got {RUNLENS_URL!r}")
+    raise ImproperlyConfigured(f"RUNLENS_URL must start with http(s)://, got {RUNLENS_URL!r}")
 # Sentry envelopes and events (POST /api/<project id>/envelope/ and /store/): body limit
 # after decompression (413 beyond).
 SENTRY_MAX_BYTES = env_int("SENTRY_MAX_BYTES", 20 * 1024 * 1024, minimum=64 * 1024)

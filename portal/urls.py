@@ -1,14 +1,20 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, re_path
 
 from portal.api import api
-from telemetry import health, otlp_views, prometheus
+from telemetry import health, otlp_views, prometheus, sentry_views
 
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    # Sentry SDKs (plain views, before the API: docs/sentry.md). Slash optional.
+    re_path(
+        r"^api/(?P<project_id>[0-9]{1,18})/(?P<endpoint>envelope|store)/?$",
+        sentry_views.ingest,
+        name="sentry",
+    ),
     path("api/", api.urls),
     # OTLP/HTTP receivers (plain views: protobuf bodies, streamed; docs/otlp.md).
     path("v1/logs", otlp_views.export_logs, name="otlp_logs"),

@@ -8,6 +8,7 @@ from ninja import Router, Schema
 
 from portal.api import project_auth
 from telemetry.ingest import pipeline
+from telemetry.ingest.cors import origin_allowed
 from telemetry.receivers import beacon, events, metrics
 
 router = Router(tags=["ingest"])
@@ -137,7 +138,7 @@ def frontend_log_preflight(request: HttpRequest, key: str = ""):
     """CORS preflight (a fetch() with a JSON content type): the project's origins only."""
     project = beacon.beacon_project(key)
     origin = request.headers.get("Origin", "")
-    if project is None or not origin or not beacon.origin_allowed(request, project, origin):
+    if project is None or not origin or not origin_allowed(request, project, origin):
         return beacon.beacon_response(
             request, 403, {"detail": "origin not allowed for this project"}
         )

@@ -101,16 +101,21 @@ def store_traces_batch(batch, body: bytes) -> int:
     retried export changes nothing.
     """
     decoded = decode(TRACES, body, batch.params.get("encoding") == "json")
-    if not decoded.items:
+    return store_spans(batch.project, decoded.items)
+
+
+def store_spans(project, items: list) -> int:
+    """Store SpanIn items (OTLP spans, Sentry transactions) of a project as Span rows,
+    giving them runs; returns the spans new to us."""
+    if not items:
         return 0
-    project = batch.project
     # Runs: by attribute, else one per trace. Per run: first start, last end, the root
     # span that finishes a run of its own trace, and the newest context.
-    refs: list[str] = [run_ref(item.attrs, item.scope) for item in decoded.items]
-    named = _named_trace_runs(project, decoded.items, refs)
+    refs: list[str] = [run_ref(item.attrs, item.scope) for item in items]
+    named = _named_trace_runs(project, items, refs)
     spans: list[tuple] = []
     runs: dict[str, dict] = {}
-    for i, item in enumerate(decoded.items):
+    for i, item in enumerate(items):
         run_id = refs[i] = refs[i] or named.get(item.trace_id) or trace_run(item.trace_id)
         start, end = ns_time(item.start_ns), ns_time(item.end_ns)
         attrs, events, status_message = span_parts(item)
@@ -145,7 +150,7 @@ def store_traces_batch(batch, body: bytes) -> int:
     parts: list[bytes] = []
     append = parts.append
     for item, run_id, (start, end, attrs, events, status_message) in zip(
-        decoded.items, refs, spans, strict=True
+        items, refs, spans, strict=True
     ):
         scope = item.scope
         key = id(scope)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from telemetry.receivers import beacon, events, metrics, otlp
+from telemetry.receivers import beacon, events, metrics, otlp, sentry
 
 RECEIVERS = {
     receiver.kind: receiver
@@ -13,6 +13,7 @@ RECEIVERS = {
         otlp.logs,
         otlp.metrics,
         otlp.traces,
+        sentry.receiver,
         beacon.receiver,
     )
 }

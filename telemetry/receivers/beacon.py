@@ -19,6 +19,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from runs.models import Project, Run
 from telemetry import errors, ratelimit
+from telemetry.ingest.cors import allow_origin, origin_allowed
 from telemetry.ingest.receiver import Receiver, Refusal, Verdict
 from telemetry.ratelimit import Verdict as RateVerdict
 
@@ -33,21 +34,6 @@ class Caller:
     address: str
     cors_origin: str = ""
     rate: RateVerdict | None = None
-
-
-def allowed_origins(project: Project) -> set[str]:
-    lines = project.allowed_origins.replace(",", "\n").splitlines()
-    return {line.strip().rstrip("/").lower() for line in lines if line.strip()}
-
-
-def origin_allowed(request: HttpRequest, project: Project, origin: str) -> bool:
-    """The project's allowed origins (`*` for any), and the portal's own pages."""
-    origin = origin.rstrip("/").lower()
-    if origin == "null":  # sandboxed frames and file:// pages: never identifiable
-        return "*" in allowed_origins(project)
-    own = f"{request.scheme}://{request.get_host()}".lower()
-    allowed = allowed_origins(project)
-    return origin == own or origin in allowed or "*" in allowed
 
 
 def beacon_project(key: str) -> Project | None:
@@ -71,10 +57,7 @@ def beacon_response(
     response = (
         JsonResponse(body, status=status) if body is not None else HttpResponse(status=status)
     )
-    if cors_origin:
-        response["Access-Control-Allow-Origin"] = cors_origin
-        response["Access-Control-Expose-Headers"] = EXPOSED
-    response["Vary"] = "Origin"
+    allow_origin(response, cors_origin, EXPOSED)
     if verdict is not None:
         for name, value in verdict.headers().items():
             response[name] = value
