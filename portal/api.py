@@ -69,12 +69,67 @@ def _otlp_path(signal: str, request: str, rejected: str) -> dict:
     }
 
 
+def _sentry_path(endpoint: str, body: str) -> dict:
+    answer = "a JSON `detail` naming the problem"
+    return {
+        "post": {
+            "tags": ["sentry"],
+            "summary": f"Sentry {endpoint} (what SDKs send to their DSN)",
+            "description": (
+                f"{body} Trailing slash optional. The project's public key from "
+                "`X-Sentry-Auth`, `?sentry_key=` or the envelope header's `dsn`. gzip, deflate, "
+                "br or zstd, limited after decompression (SENTRY_MAX_BYTES). Durable before the "
+                "answer. A plain view: see docs/sentry.md."
+            ),
+            "parameters": [
+                {
+                    "name": "project_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer"},
+                },
+                {
+                    "name": "sentry_key",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string"},
+                },
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-sentry-envelope": {"schema": {"type": "string"}},
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/plain": {"schema": {"type": "string"}},
+                },
+            },
+            "responses": {
+                "200": {"description": '{"id": "<event id>"}, once stored durably'},
+                "400": {"description": f"malformed envelope or event: {answer}"},
+                "401": {"description": f"no key: {answer}"},
+                "403": {"description": f"a key, project or origin that does not match: {answer}"},
+                "413": {"description": f"larger than SENTRY_MAX_BYTES once decompressed: {answer}"},
+                "415": {"description": "unknown Content-Encoding"},
+                "429": {
+                    "description": "project rate limit; Retry-After and X-Sentry-Rate-Limits "
+                    "(`<seconds>::project:quota_exceeded`)"
+                },
+                "503": {"description": "the spool could not take the request; Retry-After"},
+            },
+        }
+    }
+
+
 # Endpoints served by plain Django views (their bodies are protobuf, or their answers
 # are not JSON), documented here so that /api/openapi.json lists every endpoint.
 PLAIN_PATHS = {
     "/v1/logs": _otlp_path("logs", "Logs", "rejected_log_records"),
     "/v1/metrics": _otlp_path("metrics", "Metrics", "rejected_data_points"),
     "/v1/traces": _otlp_path("traces", "Trace", "rejected_spans"),
+    "/api/{project_id}/envelope/": _sentry_path(
+        "envelope", "A Sentry envelope: events, transactions, other items (skipped)."
+    ),
+    "/api/{project_id}/store/": _sentry_path("store", "One Sentry event as JSON (older clients)."),
     "/health": {
         "get": {
             "tags": ["operations"],

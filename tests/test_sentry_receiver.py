@@ -13,6 +13,7 @@ import brotli
 import orjson
 import pytest
 import zstandard
+from django.db import connection
 
 from runs.models import Run
 from telemetry.models import EnvelopeItemCount, ErrorGroup, ErrorReport, IngestBatch
@@ -247,3 +248,28 @@ def test_the_seed_bash_payload_posted_with_curl_lands_next_to_its_run(
     assert report.run == run and report.source == "sentry"
     assert report.event["tags"]["repo"] == "owner/repo"
     assert report.event["user"]["username"] == "octocat"
+
+
+def test_it_answers_503_with_retry_after_when_the_spool_cannot_be_written(sentry_post):
+    # A real failure of the INSERT, raised by PostgreSQL itself.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE FUNCTION refuse_batch() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'disk full'; END $$"
+        )
+        cursor.execute(
+            "CREATE TRIGGER refuse_batch BEFORE INSERT ON telemetry_ingestbatch"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_batch()"
+        )
+    response = sentry_post(envelope(({"type": "event"}, event())))
+    assert response.status_code == 503
+    assert response["Retry-After"] == "5"
+    assert "retry later" in response.json()["detail"]
+    assert not ErrorReport.objects.exists()
+
+
+def test_the_openapi_schema_lists_both_endpoints(client):
+    paths = client.get("/api/openapi.json").json()["paths"]
+    for endpoint in ("envelope", "store"):
+        answers = paths[f"/api/{{project_id}}/{endpoint}/"]["post"]["responses"]
+        assert {"200", "400", "401", "403", "413", "429", "503"} <= set(answers)
