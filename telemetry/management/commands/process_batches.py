@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from telemetry.ingest.pipeline import process as process_batch
+from telemetry.ingest import pipeline
 from telemetry.models import IngestBatch
 
 
@@ -18,5 +18,5 @@ class Command(BaseCommand):
     def handle(self, older_than: int, **options):
         done = 0
         for batch_id in IngestBatch.objects.stale_pending(older_than=older_than, limit=100_000):
-            done += process_batch(batch_id)
+            done += pipeline.process(batch_id)
         self.stdout.write(f"{done} batch(es) processed")
