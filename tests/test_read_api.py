@@ -493,3 +493,22 @@ def test_openapi_documents_every_read_endpoint_and_its_errors(client):
     download = paths["/api/runs/{run_id}/artifacts/{name}"]["get"]["responses"]["200"]
     assert download["content"]["*/*"]["schema"]["format"] == "binary"
     assert "put" in paths["/api/runs/{run_id}/artifacts/{name}"]
+
+
+def test_no_parameter_value_makes_a_500(client, token, operator_client, world):
+    from tests.test_fuzz_reads import VALUES
+
+    names = ["query", "status", "level", "source", "release", "environment", "run_id"]
+    names += ["project", "cursor", "limit"]
+    gid = world["ours"].id
+    for value in [*VALUES, "-1.5", "1.99999999999999999", f"{10**15}.1", "1.1.1"]:
+        for url in (f"/api/errors/{gid}/events", f"/api/traces/{TRACE}", "/api/errors"):
+            for name in names:
+                # `project` means something to operators only.
+                if name == "project":
+                    status = operator_client.get(url, {name: value}).status_code
+                else:
+                    status = client.get(url, {name: value}, **auth(token)).status_code
+                assert status in (200, 400, 404), (url, name, value, status)
+        for path in (f"/api/errors/{value}", f"/api/traces/{value}"):
+            assert client.get(path, **auth(token)).status_code in (400, 404), path
