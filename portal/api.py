@@ -221,10 +221,12 @@ def _add_routers() -> None:
     from runs.api import router as runs_router
     from runs.metrics_api import router as metrics_router
     from telemetry.api import router as telemetry_router
+    from telemetry.read_api import router as telemetry_read_router
 
     api.add_router("/", telemetry_router)
     api.add_router("/", runs_router)
     api.add_router("/", metrics_router)
+    api.add_router("/", telemetry_read_router)
 
 
 _add_routers()

@@ -7,7 +7,8 @@ from datetime import datetime
 
 import orjson
 from django.conf import settings
-from django.http import Http404, HttpRequest, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.utils.http import content_disposition_header
 from ninja import Field, Query, Router, Schema, Status
 from ninja.errors import HttpError
 from pydantic import field_validator
@@ -36,8 +37,12 @@ def runs_for(request: HttpRequest):
     return Run.objects.all()
 
 
-def get_run(request: HttpRequest, run_id: str) -> Run:
-    run = runs_for(request).filter(run_id=run_id).select_related("parent").order_by("-id").first()
+def get_run(request: HttpRequest, run_id: str, project: str = "") -> Run:
+    """The newest visible run of that id; `project` (a slug) narrows for operators."""
+    runs = runs_for(request)
+    if project and not isinstance(request.auth, Project):
+        runs = runs.filter(project__slug=project)
+    run = runs.filter(run_id=run_id).select_related("parent").order_by("-id").first()
     if run is None:
         raise Http404("run not found")
     return run
@@ -316,3 +321,37 @@ def put_artifact(request: HttpRequest, run_id: str, name: str):
             "sha256": artifact.sha256,
         },
     )
+
+
+_DOWNLOAD = {
+    "responses": {
+        "200": {
+            "description": "The artifact's bytes with its recorded content type, "
+            "`Content-Disposition: attachment`, `ETag` (its SHA-256) and "
+            "`X-Content-Type-Options: nosniff`.",
+            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    }
+}
+
+
+@router.get(
+    "/runs/{run_id}/artifacts/{name}",
+    auth=read_auth,
+    response={401: DetailOut, 404: DetailOut},
+    openapi_extra=_DOWNLOAD,
+    summary="Download a run artifact",
+)
+def get_artifact(request: HttpRequest, run_id: str, name: str, project: str = ""):
+    """The file as it was PUT. Always an attachment, and sandboxed should a browser
+    render it anyway: an artifact is agent output, it may be HTML with scripts."""
+    run = get_run(request, run_id, project)
+    artifact = run.artifacts.filter(name=name).first()
+    if artifact is None:
+        raise Http404("artifact not found")
+    response = HttpResponse(bytes(artifact.content), content_type=artifact.content_type)
+    response["Content-Disposition"] = content_disposition_header(True, artifact.name)
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    response["ETag"] = f'"{artifact.sha256}"'
+    return response

@@ -301,6 +301,23 @@ class ErrorGroupQuerySet(models.QuerySet):
             return self
         return self.filter(Q(title__icontains=text) | Q(culprit__icontains=text))
 
+    def with_reports(self, **lookups) -> ErrorGroupQuerySet:
+        """Groups with at least one report matching `lookups` (release, environment,
+        run__run_id): an EXISTS, so a group with many such reports is listed once."""
+        if not lookups:
+            return self
+        reports = ErrorReport.objects.filter(group=models.OuterRef("pk"), **lookups)
+        return self.filter(models.Exists(reports))
+
+    def newest_seen_first(self, after: tuple[datetime, int] | None = None) -> ErrorGroupQuerySet:
+        """Keyset order of the read API: `last_seen` then id, both descending; `after`
+        is the (last_seen, id) of the previous page's last group."""
+        groups = self.order_by("-last_seen", "-id")
+        if after is not None:
+            seen, pk = after
+            groups = groups.filter(Q(last_seen__lt=seen) | Q(last_seen=seen, id__lt=pk))
+        return groups
+
 
 class ErrorGroup(models.Model):
     """One bug: every report with the same fingerprint in a project (docs/errors.md)."""
@@ -382,6 +399,16 @@ class ErrorReportQuerySet(models.QuerySet):
             if 0 <= index < hours:
                 counts[row["group_id"]][index] = row["n"]
         return start, counts
+
+    def newest_first(self, after: tuple[datetime, int] | None = None) -> ErrorReportQuerySet:
+        """Keyset order of the read API: `received_at` then id, both descending (a Sentry
+        report is received at its event's own timestamp, so ids alone are not in time
+        order); `client_run_id` is the run's own id, from the same query."""
+        reports = self.annotate(client_run_id=F("run__run_id")).order_by("-received_at", "-id")
+        if after is not None:
+            moment, pk = after
+            reports = reports.filter(Q(received_at__lt=moment) | Q(received_at=moment, id__lt=pk))
+        return reports
 
 
 class ErrorReport(models.Model):
