@@ -348,7 +348,11 @@ class ErrorGroup(models.Model):
                 fields=["project", "fingerprint"], name="errorgroup_project_fingerprint"
             )
         ]
-        indexes = [models.Index(fields=["status", "-last_seen"], name="errorgroup_status_seen")]
+        indexes = [
+            models.Index(fields=["status", "-last_seen"], name="errorgroup_status_seen"),
+            # A project's issues, newest first (GET /api/errors, the errors page).
+            models.Index(fields=["project", "-last_seen"], name="errorgroup_project_seen"),
+        ]
 
     def __str__(self) -> str:
         return self.title
