@@ -24,7 +24,8 @@ from django.utils.text import slugify
 
 from portal.pages import page
 from runs import charts, insights, work_context
-from runs.models import LEVELS, Artifact, Event, Project, Run, diff_texts
+from runs.diffs import diff_texts
+from runs.models import LEVELS, Artifact, Event, Project, Run
 
 RUNS_PAGE = 50
 TIMELINE_PAGE = 500

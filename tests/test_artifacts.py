@@ -8,7 +8,8 @@ import hashlib
 import pytest
 
 from runs import views
-from runs.models import Artifact, Run, parse_unified_diff
+from runs.diffs import parse_unified_diff
+from runs.models import Artifact, Run
 from tests.conftest import ndjson, record
 
 PATCH = b"""From 1a2b3c Mon Sep 17 00:00:00 2001
