@@ -35,10 +35,15 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
     list_display = ("name", "slug", "retention_runs_per_slug", "retention_max_age_days", "created")
-    readonly_fields = ("public_key", "created")
+    readonly_fields = ("public_key", "sentry_dsn", "created")
     prepopulated_fields = {"slug": ("name",)}
     inlines = [ProjectTokenInline]
     actions = ["rotate_token"]
+
+    @admin.display(description="Sentry DSN")
+    def sentry_dsn(self, project: Project) -> str:
+        """Shown only once the project is saved: its id is part of the DSN."""
+        return project.dsn if project.pk else "—"
 
     def save_model(self, request, obj, form, change) -> None:
         super().save_model(request, obj, form, change)

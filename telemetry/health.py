@@ -27,6 +27,7 @@ from celery import shared_task, signals
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.db import DatabaseError, Error, connection, transaction
+from django.db.models import Count, Max, Sum
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
@@ -357,6 +358,20 @@ def last_processed_batch() -> datetime | None:
     return max((row["processed_at"] for row in newest if row["processed_at"]), default=None)
 
 
+def skipped_envelope_items(limit: int = 50) -> list[dict]:
+    """Sentry envelope items stored nowhere (sessions, client reports, replays…), per type
+    over every project: one small GROUP BY (a row per project and type)."""
+    from telemetry.models import EnvelopeItemCount
+
+    return list(
+        EnvelopeItemCount.objects.values("item_type")
+        .annotate(
+            total=Sum("count"), last=Max("last_seen"), projects=Count("project", distinct=True)
+        )
+        .order_by("-total", "item_type")[:limit]
+    )
+
+
 def status_context() -> dict:
     body, code = report()
     context = {"health": body, "db_down": code == 503, "now": timezone.now()}
@@ -366,6 +381,7 @@ def status_context() -> dict:
         workers=workers(),
         last_batch=last_processed_batch(),
         retention=last_retention(),
+        skipped_items=skipped_envelope_items(),
     )
     return context
 

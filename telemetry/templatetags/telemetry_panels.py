@@ -31,16 +31,18 @@ def run_spans(run: Run) -> dict:
 
 @register.inclusion_tag("telemetry/_run_errors.html")
 def run_errors(run: Run) -> dict:
-    """The "Errors" section: the error groups this run fed (one query, and none for a run
-    without error events or a crash: only those make reports).
+    """The "Errors" section: the error groups this run fed, whatever their source (one
+    query, on the reports' index by run). Not only error events and crashes make reports
+    of a run: a Sentry event tagged with its `run_id`, or in one of its traces, does too,
+    without touching the run's counters, so the query runs for every run.
 
     A run can count error events whose reports are gone: retention
     (`telemetry.retention.prune_error_reports`) deletes reports by age and caps each group
     at its newest reports, while the run's counters and events stay. The section then
     says which rule removed them instead of "no errors", which the counters contradict.
     """
+    groups = ErrorReport.objects.groups_of_run(run)
     made_reports = bool(run.errors_count) or run.status == Run.Status.CRASHED
-    groups = ErrorReport.objects.groups_of_run(run) if made_reports else []
     context = {"run": run, "groups": groups, "removed": made_reports and not groups}
     if context["removed"]:
         days = settings.ERROR_REPORT_MAX_AGE_DAYS
