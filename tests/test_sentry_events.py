@@ -48,7 +48,10 @@ def sentry(**options) -> Iterator[list[dict]]:
         "project_root": str(ROOT),  # frames of this repository are in app
         **options,
     }
-    with sentry_sdk.isolation_scope():
+    with sentry_sdk.isolation_scope() as scope:
+        # The logging integration, once installed, keeps adding log lines as
+        # breadcrumbs, also between these blocks: start without them.
+        scope.clear_breadcrumbs()
         sentry_sdk.init(**settings)
         try:
             yield events
