@@ -687,7 +687,7 @@ def test_what_it_cannot_use_it_drops_and_what_it_can_it_coerces():
                         "type": "E",
                         "stacktrace": {
                             "frames": [
-                                {"lineno": "12", "colno": "x", "in_app": "true", "vars": []},
+                                {"lineno": "12", "colno": "²", "in_app": "true", "vars": []},
                                 [],
                             ]
                         },

@@ -89,7 +89,10 @@ _BIG_WIDTH = re.compile(r"\d{3}")
 
 def normalized(payload: Any) -> dict:
     """The canonical stored event of one Sentry event payload (see the module doc)."""
-    scrubber = Scrubber(redact=True)
+    # Two passes over the strings: the fields below are bounded and cleaned as they
+    # are made canonical, then the whole event is walked once more, which redacts.
+    # Redacting only in the walk halves the cost (the secret search is most of it).
+    scrubber = Scrubber(redact=False)
     raw = payload if isinstance(payload, dict) else {}
     event: dict[str, Any] = {
         "event_id": _event_id(raw.get("event_id")),
@@ -121,8 +124,9 @@ def normalized(payload: Any) -> dict:
     for key, value in raw.items():
         if key not in handled:
             event[key] = value
-    event = scrubber.walk(event)
-    if scrubber.truncated:
+    walker = Scrubber(redact=True)
+    event = walker.walk(event)
+    if scrubber.truncated or walker.truncated:
         event["_truncated"] = True
     return event
 
@@ -256,7 +260,7 @@ def _text(scrubber: Scrubber, value: Any, limit: int) -> str | None:
 
 
 def _int(value: Any) -> int | None:
-    if isinstance(value, str) and value.strip().isdigit() and len(value) < 12:
+    if isinstance(value, str) and value.isascii() and value.strip().isdigit() and len(value) < 12:
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
         return value
