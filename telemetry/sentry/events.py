@@ -119,8 +119,8 @@ def normalized(payload: Any) -> dict:
     handled = {*event, *EVENT_TEXT, "logentry", "message", "sentry.interfaces.Message"}
     handled |= {"exception", "threads", "stacktrace", "breadcrumbs", "fingerprint"}
     handled |= {*EVENT_DICTS, "_truncated"}
-    # The rest is kept as sent, after the fields above: were the event cut at
-    # MAX_KEYS keys, the unknown ones go first.
+    # The rest is kept as sent, after the fields above: when the walk cuts an event
+    # at MAX_KEYS keys, it cuts unknown ones, not these.
     for key, value in raw.items():
         if key not in handled:
             event[key] = value
