@@ -187,8 +187,10 @@ _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*(?=[a-zA-Z]{0,2}\b)")
 def normalize_message(text: str) -> str:
     """The message as grouped: variable parts replaced by placeholders.
 
-    Order matters: a URL's query may hold quotes and numbers, a UUID holds hex
-    and digits, a quoted string may hold anything.
+    The one masking of the project: beacon reports and agent events (here) and Sentry
+    events (telemetry/sentry/grouping.py) all group through it. Order matters: a
+    URL's query may hold quotes and numbers, a UUID holds hex and digits, a quoted
+    string may hold anything.
     """
     text = _URL.sub(lambda m: m.group(1) + ("?<query>" if m.group(0) != m.group(1) else ""), text)
     text = _UUID.sub("<uuid>", text)
