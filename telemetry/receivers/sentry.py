@@ -74,7 +74,8 @@ class SentryReceiver(Receiver):
             event = _json_object(body, "the body")
             event_id = event_id_of(event.get("event_id"))
             summary = {"id": event_id, "items": {"event": 1}}
-            return Verdict(1, summary, {"store": True, "event_id": event_id})
+            params = {"store": True, "event_id": event_id, "client": client_address(request)}
+            return Verdict(1, summary, params)
         if not body.strip():
             raise Refusal(400, "empty envelope")
         try:
@@ -102,7 +103,8 @@ class SentryReceiver(Receiver):
         event_id = event_id_of(event_id)
         # The worker gives an event without an id of its own the id answered here.
         summary = {"id": event_id, "items": counts}
-        return Verdict(len(envelope.items), summary, {"event_id": event_id})
+        params = {"event_id": event_id, "client": client_address(request)}
+        return Verdict(len(envelope.items), summary, params)
 
     def answer(self, request: HttpRequest, verdict: Verdict, batch: IngestBatch | None):
         event_id = verdict.summary.get("id") or uuid.uuid4().hex
@@ -132,6 +134,11 @@ def request_key(request: HttpRequest) -> str | None:
         if pairs.get("sentry_key"):
             return pairs["sentry_key"]
     return request.GET.get("sentry_key") or None
+
+
+def client_address(request: HttpRequest) -> str:
+    """For events whose user says `ip_address: "{{auto}}"` (browser SDKs): the sender's."""
+    return ratelimit.client_ip(request)
 
 
 def dsn_key(dsn) -> str | None:

@@ -79,6 +79,7 @@ def _store_events(project: Project, batch: IngestBatch, found: list[dict]) -> in
             received_at=batch.received_at,
             request_id=batch.request_id,
             run_id=runs.get(event["event_id"]),
+            client_address=batch.params.get("client", ""),
         )
         for event in new
     ]
