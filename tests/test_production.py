@@ -192,7 +192,8 @@ def deployment(runtime_python, fresh_database_url, tmp_path_factory) -> dict:
     run([py, "manage.py", "migrate", "--noinput"], env, 120, "manage.py migrate")
     run([py, "manage.py", "ensureadmin"], env, 60, "manage.py ensureadmin")
     out = run([py, "manage.py", "createproject", "Production check"], env, 60, "createproject")
-    return {"python": py, "env": env, "token": out.strip().splitlines()[-1]}
+    dsn, token = out.strip().splitlines()[-2:]
+    return {"python": py, "env": env, "token": token, "dsn": dsn}
 
 
 def free_port() -> int:
@@ -294,6 +295,26 @@ def test_it_serves_and_stores_an_event_from_requirements_txt_alone(broker, deplo
             return status == 200 and run["counters"]["events"] == 3 and run["status"] == "succeeded"
 
         served.wait_until("waiting for the worker to store the events", stored, 45)
+
+        # A Sentry SDK's event, by the DSN createproject printed: the fourth protocol
+        # through the same spool and worker.
+        key, project_id = (
+            deployment["dsn"].split("://")[1].split("@")[0],
+            deployment["dsn"].rsplit("/", 1)[1],
+        )
+        req = urllib.request.Request(
+            f"{served.base}/api/{project_id}/store/",
+            data=json.dumps({"message": f"deploy failed on {broker}", "level": "error"}).encode(),
+            headers={"X-Sentry-Auth": f"Sentry sentry_version=7, sentry_key={key}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as response:
+            event_id = json.load(response)["id"]
+
+        def grouped() -> bool:
+            status, groups = served.request("/api/errors?source=sentry", token)
+            return status == 200 and any(g["title"].endswith(broker) for g in groups["items"])
+
+        served.wait_until(f"waiting for the worker to group Sentry event {event_id}", grouped, 45)
     finally:
         code = served.stop()
     if code != 0:
