@@ -383,8 +383,8 @@ def report(args, envelopes, floors: list[Timing], sentry: EndToEnd, server, grou
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=20_000, help="error events sent")
-    parser.add_argument("--floor-requests", type=int, default=20_000, help="GETs per floor run")
+    parser.add_argument("--events", type=int, default=5_000, help="error events sent")
+    parser.add_argument("--floor-requests", type=int, default=10_000, help="GETs per floor run")
     parser.add_argument("--threads", type=int, default=8, help="HTTP client threads")
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--web-threads", type=int, default=2)
