@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test setup lint format bench bench-metrics clean
+.PHONY: run test setup lint format bench bench-metrics bench-sentry clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: $(VENV)/.dev
 
 bench-metrics: $(VENV)/.dev
 	$(BIN)/python bench/metrics.py
+
+bench-sentry: $(VENV)/.dev
+	$(BIN)/python bench/sentry.py
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache
