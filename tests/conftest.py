@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sys
 
 import orjson
 import pytest
@@ -53,6 +54,17 @@ def browser():
                 # connection; close it, or the test database cannot be dropped.
                 connections.close_all()
                 browser.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_sentry_scopes():
+    """Tests that use the real sentry-sdk start from empty scopes: a transaction name,
+    tags or a user set by an earlier test must not reach their events."""
+    sdk = sys.modules.get("sentry_sdk")
+    if sdk is not None:
+        for scope in (sdk.get_global_scope(), sdk.get_isolation_scope(), sdk.get_current_scope()):
+            scope.clear()
+    yield
 
 
 @pytest.fixture(autouse=True)
