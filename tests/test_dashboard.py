@@ -83,6 +83,10 @@ def test_ctrl_c_ends_the_live_view_cleanly(db):
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # A test run started in the background (`cmd &`, nohup) ignores SIGINT, and a
+        # child inherits that: Python then installs no KeyboardInterrupt handler and
+        # Ctrl-C would never reach the command. Give it the terminal's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 30
