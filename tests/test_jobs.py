@@ -11,7 +11,8 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from runs.models import Event, Run, RunBatch
+from runs.batches import RunBatch
+from runs.models import Event, Run
 from telemetry import tasks
 from telemetry.ingest import pipeline
 from telemetry.models import IngestBatch

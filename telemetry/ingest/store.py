@@ -1,7 +1,7 @@
 """Storing run events: judged records to rows, in the transaction of their batch.
 
 In order: scrub what needs it, give every record its run (created, locked and
-counted by `runs.models.RunBatch`, the run writer), number records within their run
+counted by `runs.batches.RunBatch` on the run writer), number records within their run
 (`seq`), COPY the rows, save the runs, turn error-level records into error groups,
 add to the per-minute counts. Every receiver whose items become run events (the
 events endpoint, OTLP logs) stores them here.
@@ -16,7 +16,8 @@ import orjson
 from django.db import connection
 
 from portal.db import copy_text
-from runs.models import Project, RunBatch
+from runs.batches import RunBatch
+from runs.models import Project
 from telemetry.errors import record_event_errors
 from telemetry.ingest.records import Record, scrub
 from telemetry.ingest.redaction import MAX_MESSAGE

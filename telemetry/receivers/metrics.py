@@ -30,8 +30,8 @@ from django.utils import timezone
 
 from portal.db import copy_text
 from portal.http import BodyError
+from runs.batches import MAX_TOKENS
 from runs.models import (
-    MAX_TOKENS,
     ModelPrice,
     PriceBook,
     Project,
