@@ -46,6 +46,14 @@ def fetch_bytes(sql: str, params: list) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
+def fetch_all_bytes(sql: str, params: list) -> dict:
+    """{first column: bytes of the second} for every row, asked for in binary as in
+    fetch_bytes."""
+    with server_bound_cursor() as cursor, connection.wrap_database_errors:
+        cursor.cursor.execute(sql, params, binary=True)
+        return {key: bytes(value) for key, value in cursor.cursor.fetchall()}
+
+
 def insert_rows(model: type[Model], objs: list[Model]) -> list[Model]:
     """INSERT new instances of `model` in one statement, setting their primary keys.
 

@@ -228,6 +228,12 @@ ORPHAN_AFTER_SECONDS = env_int("ORPHAN_AFTER_SECONDS", 90, minimum=1)
 RETENTION_RUNS_PER_SLUG = env_int("RETENTION_RUNS_PER_SLUG", 20, minimum=1)
 RETENTION_MAX_AGE_DAYS = env_int("RETENTION_MAX_AGE_DAYS", 30, minimum=1)
 SWEEP_PENDING_AFTER_SECONDS = env_int("SWEEP_PENDING_AFTER_SECONDS", 60, minimum=1)
+# The worker stores pending batches of a kind several per transaction: at most this
+# many, and this much spooled (compressed) body beyond the first (docs/performance.md).
+DRAIN_BATCHES = env_int("DRAIN_BATCHES", 100, minimum=1)
+DRAIN_BYTES = env_int("DRAIN_BYTES", 1024 * 1024, minimum=1)
+# How long a web process gathers committed batches before it wakes a worker for them.
+WAKE_DELAY_MS = env_int("WAKE_DELAY_MS", 20, minimum=0)
 
 # --- Front-end beacon, rate limits, error groups -----------------------------
 # POST /api/frontend-log: body limit after decompression (413 beyond), and

@@ -12,7 +12,7 @@ from django.db.models.functions import TruncHour
 from django.utils import timezone
 from isal import isal_zlib
 
-from portal.db import fetch_bytes, server_bound_cursor
+from portal.db import fetch_all_bytes, fetch_bytes, server_bound_cursor
 from runs.models import Project
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,38 @@ class IngestBatchQuerySet(models.QuerySet):
             .first()
         )
 
+    def claim_pending(self, kind: str, limit: int, max_bytes: int) -> list[IngestBatch]:
+        """Lock the oldest pending batches of one kind that no other worker holds, for
+        this transaction: at most `limit`, and no more than `max_bytes` of spooled
+        (compressed) body after the first, so that small requests (one Sentry event, an
+        exporter's few spans) share a transaction and large ones do not pile up in
+        memory. Batches locked beyond the budget are released at the end of the
+        transaction for the next round."""
+        locked = list(
+            self.select_for_update(skip_locked=True, of=("self",))
+            .select_related("project")
+            .defer("body")
+            .filter(kind=kind, state=IngestBatch.State.PENDING)
+            .annotate(body_bytes=models.Func(F("body"), function="octet_length"))
+            .order_by("id")[:limit]
+        )
+        claimed, total = [], 0
+        for batch in locked:
+            total += batch.body_bytes or 0
+            if claimed and total > max_bytes:
+                break
+            claimed.append(batch)
+        return claimed
+
+    def mark_done(self, batches: list[IngestBatch], stored: list[int]) -> None:
+        """Several batches stored in this transaction: one statement (see
+        IngestBatch.mark_done for one)."""
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _MARK_DONE_SQL,
+                [timezone.now(), [b.pk for b in batches], [int(n) for n in stored]],
+            )
+
     def record_failure(self, batch_id: int, exc: Exception) -> None:
         """Count a failed attempt (nothing of the batch was stored); the sweeper retries
         it, and gives up after MAX_ATTEMPTS."""
@@ -50,6 +82,15 @@ class IngestBatchQuerySet(models.QuerySet):
             .order_by("received_at")
             .values_list("id", flat=True)[:limit]
         )
+
+
+_MARK_DONE_SQL = """
+UPDATE telemetry_ingestbatch AS b
+SET state = 'done', processed_at = %s, attempts = b.attempts + 1, error = '', body = '',
+    summary = b.summary || jsonb_build_object('stored', v.stored)
+FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, stored)
+WHERE b.id = v.id
+"""
 
 
 class IngestBatch(models.Model):
@@ -188,23 +229,33 @@ class IngestBatch(models.Model):
         )
         return unpack_body(data or b"")
 
+    @classmethod
+    def read_bodies(cls, batches: list[IngestBatch]) -> list[bytes]:
+        """The bodies of several batches (read_body for each), in one query."""
+        rows = fetch_all_bytes(
+            f"SELECT id, body FROM {connection.ops.quote_name(cls._meta.db_table)}"
+            " WHERE id = ANY(%s)",
+            [[b.pk for b in batches]],
+        )
+        return [unpack_body(rows.get(b.pk) or b"") for b in batches]
+
     def enqueue(self) -> None:
-        """Hand the batch to a worker once it is committed.
+        """Hand the batch to a worker once it is committed (telemetry/ingest/wakeup.py).
 
         If the broker cannot take the message the batch is still stored; the
         sweeper finds it pending and sends it again, so the request need not fail.
         """
 
-        def send() -> None:
-            # The task module imports this one: looked up when the batch commits.
-            from telemetry.tasks import process_batch
+        def committed() -> None:
+            # The wake-up imports the task module, which imports this one.
+            from telemetry.ingest.wakeup import batch_committed
 
             try:
-                process_batch.delay(self.id)
+                batch_committed(self.id, self.kind)
             except Exception:
                 logger.exception("could not enqueue batch %s; the sweeper will retry", self.id)
 
-        transaction.on_commit(send)
+        transaction.on_commit(committed)
 
     def mark_done(self, stored: int) -> None:
         """The batch's rows are the record now: keep the spool small."""

@@ -37,6 +37,12 @@ def process_batch(batch_id: int) -> None:
 
 
 @shared_task(ignore_result=True)
+def drain_spool(kind: str) -> None:
+    stored = pipeline.drain(kind)
+    logger.debug("%s: %s batch(es) stored", kind, stored, extra={"batches": stored})
+
+
+@shared_task(ignore_result=True)
 def sweep_pending() -> int:
     """Re-enqueue batches left pending (a worker died, the broker was down)."""
     ids = IngestBatch.objects.stale_pending()

@@ -79,3 +79,36 @@ def test_secrets_spelled_with_json_escapes_are_redacted_too(post_events):
     event = Event.objects.get()
     assert event.data == {"password": "[redacted]", "api_key": "[redacted]"}
     assert event.message == "Bearer [redacted]"
+
+
+# --- The scrubber's shortcuts ---------------------------------------------------------
+
+
+def test_the_cheap_test_never_skips_text_the_secret_pattern_would_redact():
+    import random
+
+    from telemetry.ingest.redaction import SECRET_VALUE, may_hold_secret
+
+    rng = random.Random(12)
+    pieces = [
+        "Bearer ", "BASIC ", "bearer\t", "https://", "git+ssh://", "u:p@", "@", "ghp_",
+        "GHS_", "gHr_", "sk-", "SK-", "x" * 20, "A1b2" * 6, " ", "/", "-", "_", "é", "ok",
+    ]  # fmt: skip
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        if text.isascii() and SECRET_VALUE.search(text):
+            assert may_hold_secret(text), text
+
+
+def test_a_key_first_seen_without_redaction_is_still_redacted_by_the_walk():
+    from telemetry.ingest.redaction import REDACTED, Scrubber
+
+    assert Scrubber(redact=False).walk({"db_password": "hunter2"}) == {"db_password": "hunter2"}
+    assert Scrubber(redact=True).walk({"db_password": "hunter2"}) == {"db_password": REDACTED}
+
+
+def test_text_that_is_not_ascii_is_still_searched_for_secrets():
+    from telemetry.ingest.redaction import REDACTED, Scrubber
+
+    cleaned = Scrubber().walk({"note": "clé: Bearer abc.def"})
+    assert cleaned == {"note": f"clé: Bearer {REDACTED}"}

@@ -109,17 +109,31 @@ class Scrubber:
     def text(self, value: str, limit: int = MAX_STRING) -> str:
         if "\x00" in value:
             value = value.replace("\x00", "")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            # Lone surrogates: PostgreSQL refuses them; show U+FFFD instead.
-            value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        ascii_only = value.isascii()
+        if not ascii_only:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                # Lone surrogates: PostgreSQL refuses them; show U+FFFD instead.
+                value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         if len(value) > limit:  # cut first: redaction then scans at most `limit`
             self.truncated = True
             value = value[: limit - 1] + ELLIPSIS
-        if self.redact:
+        if self.redact and (not ascii_only or may_hold_secret(value)):
             value = SECRET_VALUE.sub(redact_match, value)
         return value
+
+    def key(self, key: Any) -> tuple[str, bool]:
+        """A dict key cleaned as text, and whether its value is a secret."""
+        found = _KEYS.get(key) if type(key) is str else None
+        if found is None:
+            text = self.text(str(key), 200)
+            found = (text, SECRET_KEY.match(text) is not None)
+            if type(key) is str and len(key) <= 64 and text == key:
+                if len(_KEYS) >= 4096:  # keys repeat (frames, headers): a bounded memo
+                    _KEYS.clear()
+                _KEYS[key] = found
+        return found[0], found[1] and self.redact
 
     def walk(self, value: Any, depth: int = 0) -> Any:
         if isinstance(value, str):
@@ -133,8 +147,8 @@ class Scrubber:
                 if i >= MAX_KEYS:
                     self.truncated = True
                     break
-                key = self.text(str(key), 200)
-                if self.redact and SECRET_KEY.match(key) and item not in (None, "", [], {}):
+                key, secret = self.key(key)
+                if secret and item not in (None, "", [], {}):
                     out[key] = REDACTED
                 else:
                     out[key] = self.walk(item, depth + 1)
@@ -154,6 +168,21 @@ class Scrubber:
             self.truncated = True
             return str(value)[:64] + ELLIPSIS
         return value
+
+
+_KEYS: dict[str, tuple[str, bool]] = {}
+
+
+def may_hold_secret(value: str) -> bool:
+    """Whether SECRET_VALUE can match an ASCII `value`: every branch needs one of these
+    (bearer, basic, the `@` of `user:pass@`, gh?_, sk-). Plain substring tests on a
+    lowered copy cost a tenth of the regex, and most text holds none of them. (For
+    other text the regex's Unicode case folding, `ſ` for `s`, goes further than
+    `lower()`: it always runs.)"""
+    if "@" in value:
+        return True
+    low = value.lower()
+    return "gh" in low or "sk-" in low or "bearer" in low or "basic" in low
 
 
 def is_secret_key(key: str) -> bool:

@@ -24,7 +24,7 @@ from telemetry.ingest.cors import allow_origin, origin_allowed
 from telemetry.ingest.receiver import Receiver, Refusal, Verdict
 from telemetry.models import IngestBatch
 from telemetry.sentry import envelope as envelopes
-from telemetry.sentry.store import store_envelope
+from telemetry.sentry.store import store_envelope, store_envelopes
 
 EXPOSED = "Retry-After, X-Sentry-Rate-Limits"
 STORED_TYPES = frozenset({"event", "transaction"})
@@ -121,6 +121,9 @@ class SentryReceiver(Receiver):
 
     def store(self, batch: IngestBatch, body: bytes) -> int:
         return store_envelope(batch, body)
+
+    def store_many(self, batches: list[tuple[IngestBatch, bytes]]) -> list[int]:
+        return store_envelopes(batches)
 
 
 receiver = SentryReceiver()

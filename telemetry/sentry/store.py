@@ -26,7 +26,40 @@ from telemetry.sentry.transactions import spans_of
 
 def store_envelope(batch: IngestBatch, body: bytes) -> int:
     """Store a spooled Sentry body; returns the error reports and spans new to us."""
-    project = batch.project
+    return store_envelopes([(batch, body)])[0]
+
+
+def store_envelopes(batches: list[tuple[IngestBatch, bytes]]) -> list[int]:
+    """Store several spooled Sentry bodies in the worker's transaction, the statements
+    shared per project (SDKs send one event a request); returns what each stored."""
+    stored = [0] * len(batches)
+    by_project: dict[int, list[int]] = {}
+    parsed = []
+    for n, (batch, body) in enumerate(batches):
+        parsed.append(_items_of(batch, body))
+        by_project.setdefault(batch.project_id, []).append(n)
+    for numbers in by_project.values():
+        project = batches[numbers[0]][0].project
+        events = [(n, event) for n in numbers for event in parsed[n][0]]
+        for n in _store_events(project, {n: batches[n][0] for n in numbers}, events):
+            stored[n] += 1
+        # One call for every transaction's spans. It counts the spans new to us (a
+        # resent envelope's are not): credited to the batches in order.
+        new_spans = store_spans(project, [span for n in numbers for span in parsed[n][1]])
+        for n in numbers:
+            stored[n] += min(len(parsed[n][1]), new_spans)
+            new_spans -= min(len(parsed[n][1]), new_spans)
+        skipped: dict[str, int] = {}
+        for n in numbers:
+            for kind, count in parsed[n][2].items():
+                skipped[kind] = skipped.get(kind, 0) + count
+        _count_skipped(project, skipped)
+    return stored
+
+
+def _items_of(batch: IngestBatch, body: bytes) -> tuple[list[dict], list, dict[str, int]]:
+    """The normalized events, the spans of the transactions, and the skipped item
+    types of one spooled body."""
     header_id = None
     if batch.params.get("store"):
         items = [("event", orjson.loads(body))]
@@ -40,7 +73,7 @@ def store_envelope(batch: IngestBatch, body: bytes) -> int:
             else:
                 items.append((item.type, None))
     answered_id = batch.params.get("event_id")
-    found, transactions, skipped = [], [], {}
+    found, spans, skipped = [], [], {}
     for kind, payload in items:
         if kind == "event":
             event = sentry_events.normalized(payload)
@@ -50,41 +83,43 @@ def store_envelope(batch: IngestBatch, body: bytes) -> int:
                 header_id = answered_id = None
             found.append(event)
         elif kind == "transaction":
-            transactions.append(payload)
+            spans.extend(spans_of(payload))
         else:
             skipped[kind[:64]] = skipped.get(kind[:64], 0) + 1
-    stored = _store_events(project, batch, found)
-    spans = [span for payload in transactions for span in spans_of(payload)]
-    stored += store_spans(project, spans)
-    _count_skipped(project, skipped)
-    return stored
+    return found, spans, skipped
 
 
-def _store_events(project: Project, batch: IngestBatch, found: list[dict]) -> int:
-    unique: dict[str, dict] = {}
-    for event in found:
-        unique.setdefault(event["event_id"], event)
+def _store_events(
+    project: Project, batches: dict[int, IngestBatch], found: list[tuple[int, dict]]
+) -> list[int]:
+    """Store the events of a project's batches new to us (`found`: (batch number,
+    event), numbers as in `batches`); returns the batch number of each event stored."""
+    unique: dict[str, tuple[int, dict]] = {}
+    for n, event in found:
+        unique.setdefault(event["event_id"], (n, event))
     if not unique:
-        return 0
+        return []
     stored_before = set(
         ErrorReport.objects.filter(project=project, event_id__in=list(unique)).values_list(
             "event_id", flat=True
         )
     )
-    new = [event for event_id, event in unique.items() if event_id not in stored_before]
-    runs = _runs_of(project, new)
-    occurrences = [
-        sentry_events.occurrence(
-            event,
-            received_at=batch.received_at,
-            request_id=batch.request_id,
-            run_id=runs.get(event["event_id"]),
-            client_address=batch.params.get("client", ""),
+    new = [pair for event_id, pair in unique.items() if event_id not in stored_before]
+    runs = _runs_of(project, [event for _, event in new])
+    occurrences = []
+    for n, event in new:
+        batch = batches[n]
+        occurrences.append(
+            sentry_events.occurrence(
+                event,
+                received_at=batch.received_at,
+                request_id=batch.request_id,
+                run_id=runs.get(event["event_id"]),
+                client_address=batch.params.get("client", ""),
+            )
         )
-        for event in new
-    ]
     errors.store(project, occurrences)
-    return len(occurrences)
+    return [n for n, _ in new]
 
 
 _TRACE_RUNS = """
