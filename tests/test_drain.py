@@ -135,3 +135,38 @@ def test_a_burst_of_requests_is_stored_by_a_real_worker_woken_once_per_burst(
     ]
     woken = len(woken)
     assert 1 <= woken < 40, woken  # a message a burst, not one a request
+
+
+# --- The request's half: one statement, committed before the answer -------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_is_committed_before_its_request_is_answered(client, token):
+    import psycopg
+
+    from tests.conftest import ndjson, record
+    from tests.test_worker import database_url
+
+    response = client.post(
+        "/api/ingest/events?run_id=durable",
+        ndjson(record("run.begin")),
+        content_type="application/x-ndjson",
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+        HTTP_IDEMPOTENCY_KEY="once",
+    )
+    assert response.status_code == 202
+    # Another connection sees it at once: the request did not leave it uncommitted.
+    with psycopg.connect(database_url()) as other:
+        seen = other.execute("SELECT count(*) FROM telemetry_ingestbatch").fetchone()[0]
+    assert seen == 1
+
+    again = client.post(
+        "/api/ingest/events?run_id=durable",
+        ndjson(record("run.begin")),
+        content_type="application/x-ndjson",
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+        HTTP_IDEMPOTENCY_KEY="once",
+    )
+    assert again.status_code == 202
+    assert again.json()["batch"] == response.json()["batch"]
+    assert IngestBatch.objects.count() == 1

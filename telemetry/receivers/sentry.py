@@ -40,7 +40,7 @@ class SentryReceiver(Receiver):
 
     def authenticate(self, request: HttpRequest) -> Project:
         request.sentry_origin = ""
-        project = Project.objects.filter(pk=request.sentry_project_id).first()
+        project = Project.by_id(request.sentry_project_id)
         if project is None:
             raise Refusal(403, f"no project with id {request.sentry_project_id}")
         origin = request.headers.get("Origin", "")
