@@ -231,7 +231,7 @@ SWEEP_PENDING_AFTER_SECONDS = env_int("SWEEP_PENDING_AFTER_SECONDS", 60, minimum
 # The worker stores pending batches of a kind several per transaction: at most this
 # many, and this much spooled (compressed) body beyond the first (docs/performance.md).
 DRAIN_BATCHES = env_int("DRAIN_BATCHES", 100, minimum=1)
-DRAIN_BYTES = env_int("DRAIN_BYTES", 1024 * 1024, minimum=1)
+DRAIN_BYTES = env_int("DRAIN_BYTES", 256 * 1024, minimum=1)
 # How long a web process gathers committed batches before it wakes a worker for them.
 WAKE_DELAY_MS = env_int("WAKE_DELAY_MS", 20, minimum=0)
 

@@ -38,7 +38,7 @@ def process_batch(batch_id: int) -> None:
 
 @shared_task(ignore_result=True)
 def drain_spool(kind: str) -> None:
-    stored = pipeline.drain(kind)
+    stored = pipeline.drain(kind, more=lambda: drain_spool.delay(kind))
     logger.debug("%s: %s batch(es) stored", kind, stored, extra={"batches": stored})
 
 

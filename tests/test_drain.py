@@ -50,6 +50,19 @@ def test_the_byte_budget_keeps_large_bodies_in_transactions_of_their_own(project
     assert group_upserts(queries) == 3
 
 
+def test_a_backlog_larger_than_one_round_asks_once_for_a_second_worker(project, settings):
+    settings.DRAIN_BATCHES = 2
+    for i in range(5):
+        spool(project, envelope(({"type": "event"}, event(f"boom {i}"))))
+    asked = []
+
+    assert pipeline.drain("sentry", more=lambda: asked.append(1)) == 5
+
+    assert asked == [1]
+    assert pipeline.drain("sentry", more=lambda: asked.append(1)) == 0
+    assert asked == [1]
+
+
 def test_an_event_sent_twice_in_one_round_is_stored_once(project):
     twice = event("resent")
     spool(project, envelope(({"type": "event"}, twice)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from django.conf import settings
@@ -122,7 +122,7 @@ def _store(batch_id: int) -> bool:
         return True
 
 
-def drain(kind: str) -> int:
+def drain(kind: str, more: Callable[[], object] | None = None) -> int:
     """Store the pending batches of one kind, several per transaction, until none is
     left that another worker does not already hold; returns the batches stored.
 
@@ -130,12 +130,15 @@ def drain(kind: str) -> int:
     burst of requests rather than one per request. If a group fails, its transaction
     rolled back and nothing of it was stored: each batch of it is then stored on its
     own, so one bad batch is counted as failed and the others still go through.
+
+    `more` asks for another drain, once, when the first round leaves batches waiting:
+    a backlog of large batches is then stored by two workers, not one.
     """
     done = 0
     while True:
         try:
             with gc_paused():
-                ids = _store_several(kind)
+                ids, waiting = _store_several(kind)
         except Exception:
             logger.warning("a group of %s batches failed; storing them one by one", kind)
             ids = _pending_ids(kind)
@@ -147,19 +150,21 @@ def drain(kind: str) -> int:
             return done
         if not ids:
             return done
+        if waiting and more is not None and not done:
+            more()
         done += len(ids)
 
 
-def _store_several(kind: str) -> list[int]:
+def _store_several(kind: str) -> tuple[list[int], bool]:
     receiver = RECEIVERS[kind]
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute("SET LOCAL synchronous_commit TO OFF")  # as in _store
-        batches = IngestBatch.objects.claim_pending(
+        batches, waiting = IngestBatch.objects.claim_pending(
             kind, settings.DRAIN_BATCHES, settings.DRAIN_BYTES
         )
         if not batches:
-            return []
+            return [], False
         bodies = IngestBatch.read_bodies(batches)
         # Log lines written while storing name the request that spooled the first.
         token = request_id_var.set(batches[0].request_id)
@@ -168,7 +173,7 @@ def _store_several(kind: str) -> list[int]:
         finally:
             request_id_var.reset(token)
         IngestBatch.objects.mark_done(batches, stored)
-        return [batch.pk for batch in batches]
+        return [batch.pk for batch in batches], waiting
 
 
 def _pending_ids(kind: str) -> list[int]:
