@@ -25,6 +25,7 @@ app.conf.beat_schedule = {
     },
     "detect-orphans": {"task": "runs.tasks.detect_orphans", "schedule": 30.0},
     "retention": {"task": "telemetry.tasks.prune", "schedule": 3600.0},
+    "event-partitions": {"task": "runs.tasks.ensure_partitions", "schedule": 3600.0},
     "purge-rate-counters": {"task": "telemetry.tasks.purge_rate_counters", "schedule": 300.0},
     # The status page's "workers seen": whichever worker takes it notes itself alive.
     "worker-heartbeat": {"task": "telemetry.health.worker_heartbeat", "schedule": 30.0},

@@ -227,6 +227,8 @@ OTLP_MAX_ATTRIBUTE_LENGTH = env_int("OTLP_MAX_ATTRIBUTE_LENGTH", 4096, minimum=1
 ORPHAN_AFTER_SECONDS = env_int("ORPHAN_AFTER_SECONDS", 90, minimum=1)
 RETENTION_RUNS_PER_SLUG = env_int("RETENTION_RUNS_PER_SLUG", 20, minimum=1)
 RETENTION_MAX_AGE_DAYS = env_int("RETENTION_MAX_AGE_DAYS", 30, minimum=1)
+# Events are partitioned by day (runs/partitions.py); beat keeps this many days ahead.
+PARTITIONS_AHEAD = env_int("PARTITIONS_AHEAD", 7, minimum=1)
 SWEEP_PENDING_AFTER_SECONDS = env_int("SWEEP_PENDING_AFTER_SECONDS", 60, minimum=1)
 # The worker stores pending batches of a kind several per transaction: at most this
 # many, and this much spooled (compressed) body beyond the first (docs/performance.md).

@@ -2,8 +2,10 @@
 
 (The retention job, error reports included, is telemetry/retention.py.)
 
-Events have no database-level foreign key, so they are deleted explicitly, in
-chunks, before their runs: a prune never holds long locks on the hot table.
+Days of events older than every project keeps are dropped whole (their partitions);
+the events of runs pruned otherwise (the per-slug limit, a shorter age) have no
+database-level foreign key, so they are deleted explicitly, in chunks, before their
+runs: a prune never holds long locks on the hot table.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from datetime import timedelta
 from django.db import connection, transaction
 from django.utils import timezone
 
+from runs import partitions
 from runs.models import EventCount, Project, Run
 
 CHUNK = 200
@@ -47,8 +50,19 @@ def delete_runs(run_ids: list[int]) -> int:
     return deleted
 
 
+def drop_expired_partitions() -> list:
+    """Drop the days of events older than every project keeps (runs/partitions.py):
+    a catalogue change, however many events the day held. A project that keeps less
+    than the longest-keeping one loses its older events with their runs, below."""
+    keep = max(Project.objects.values_list("retention_max_age_days", flat=True), default=None)
+    if keep is None:
+        return []
+    return partitions.drop_before(timezone.now() - timedelta(days=keep))
+
+
 def prune_runs() -> dict[str, int]:
     """Apply every project's run retention now. Returns runs deleted per project slug."""
+    drop_expired_partitions()
     result = {}
     for project in Project.objects.all():
         result[project.slug] = delete_runs(expired_run_ids(project))
