@@ -3,7 +3,7 @@ from django.utils import timezone
 
 from runs.admin import ReadOnlyAdmin
 from telemetry.alerts import delivery
-from telemetry.alerts.messages import test_payload
+from telemetry.alerts.messages import sample_payload
 from telemetry.models import (
     AlertChannel,
     AlertRule,
@@ -148,7 +148,7 @@ class AlertChannelAdmin(admin.ModelAdmin):
     def send_test(self, request, queryset):
         now = timezone.now()
         for channel in queryset:
-            answer = delivery.send(channel, test_payload(now))
+            answer = delivery.send(channel, sample_payload(now))
             status = answer.status if answer.status is not None else "no answer"
             if answer.ok:
                 channel.note_success(now)

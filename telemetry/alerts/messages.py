@@ -73,7 +73,7 @@ def payload(rule: AlertRule, state: str, items: list[Item], at: datetime) -> dic
     }
 
 
-def test_payload(at: datetime) -> dict:
+def sample_payload(at: datetime) -> dict:
     """What `manage.py alerts test CHANNEL` sends: the shape of a real message."""
     return {
         "text": "[Runlens] test message: this channel receives Runlens alerts\n" + alerts_url(),

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from telemetry.alerts import delivery, evaluation, rules_file
-from telemetry.alerts.messages import test_payload
+from telemetry.alerts.messages import sample_payload
 from telemetry.models import AlertChannel
 
 
@@ -59,7 +59,7 @@ class Command(BaseCommand):
             names = ", ".join(AlertChannel.objects.values_list("name", flat=True)) or "none yet"
             raise CommandError(f"no channel named {channel!r} (channels: {names})")
         now = timezone.now()
-        answer = delivery.send(found, test_payload(now))
+        answer = delivery.send(found, sample_payload(now))
         status = answer.status if answer.status is not None else "no answer"
         self.stdout.write(f"{found.name} ({found.kind} {found.target}): {status}")
         if answer.text:
