@@ -759,6 +759,9 @@ class AlertRule(models.Model):
     # round later, so a group committed late by a slower worker is still seen.
     cursor = models.BigIntegerField(default=0)
     cursor_next = models.BigIntegerField(default=0)
+    # error_rate_above_baseline: the week's hourly mean, computed once per clock hour.
+    baseline = models.FloatField(null=True, blank=True)
+    baseline_hour = models.DateTimeField(null=True, blank=True)
     # The alerting's own health: the newest evaluation and its error, the newest message.
     last_evaluated_at = models.DateTimeField(null=True, blank=True)
     last_eval_error = models.TextField(blank=True)
@@ -810,6 +813,7 @@ class AlertRule(models.Model):
         """What the rule watches changed (condition, project, slug): forget its states."""
         self.prime()
         self.created = timezone.now()
+        self.baseline = self.baseline_hour = None
         self.states.all().delete()
 
     @property

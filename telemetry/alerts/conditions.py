@@ -175,7 +175,10 @@ def run_orphaned(rule: AlertRule, now: datetime) -> list[Finding]:
     for run in orphans.order_by("id")[:500]:
         seen = run.last_seen_at or run.started_at or run.created
         silent = int((now - seen).total_seconds())
-        text = f"{run.slug or '-'}: run {run.run_id} is orphaned (silent for {silent} s)"
+        text = (
+            f"{run.slug or '-'}: run {run.run_id} is orphaned "
+            f"(last sign of life {seen:%Y-%m-%d %H:%M:%S} UTC)"
+        )
         found.append(Finding(f"run:{run.pk}", text, silent, run.slug, run.get_absolute_url()))
     return found
 
@@ -244,7 +247,7 @@ def no_runs(rule: AlertRule, now: datetime) -> list[Finding]:
         if at is not None and at >= cutoff:
             continue
         minutes = int((now - at).total_seconds() // 60) if at else None
-        quiet = f"no run for {minutes} min" if minutes is not None else "no run ever"
+        quiet = f"no run since {at:%Y-%m-%d %H:%M} UTC" if at else "no run ever"
         text = f"{slug or '-'}: {quiet} (window {rule.window_minutes} min)"
         found.append(Finding(f"slug:{slug}", text, minutes, slug, _runs_path(rule, slug)))
     return found
@@ -269,23 +272,24 @@ def ingest_backlog(rule: AlertRule, now: datetime) -> list[Finding]:
     return [Finding("project", text, age, "", reverse("telemetry:status"))]
 
 
-# One statement: error events and runs started per hour, hour 0 being the last 60
-# minutes and hours 1..168 the trailing week, from the per-minute counts.
+# Error events, events and runs started per hour since `since`, hour 0 being the one
+# that ends at `until`, from the per-minute counts: one statement.
 _HOURLY_SQL = """
 WITH errors AS (
-    SELECT floor(extract(epoch FROM (%(now)s - minute)) / 3600)::int AS k,
+    SELECT floor(extract(epoch FROM (%(until)s - minute - interval '1 microsecond')) / 3600)::int
+               AS k,
            sum(errors) AS errors, sum(events) AS events
     FROM {counts}
     WHERE project_id = %(project)s {slug_filter}
-      AND minute > %(now)s - interval '169 hours' AND minute <= %(now)s
+      AND minute >= %(since)s AND minute < %(until)s
     GROUP BY 1
 ), runs AS (
-    SELECT floor(extract(epoch FROM (%(now)s - COALESCE(started_at, created))) / 3600)::int AS k,
+    SELECT floor(extract(epoch FROM (%(until)s - COALESCE(started_at, created)
+                                     - interval '1 microsecond')) / 3600)::int AS k,
            count(*) AS runs
     FROM runs_run
-    WHERE project_id = %(project)s {run_slug_filter}
-      AND COALESCE(started_at, created) > %(now)s - interval '169 hours'
-      AND COALESCE(started_at, created) <= %(now)s
+    WHERE project_id = %(project)s {slug_filter}
+      AND COALESCE(started_at, created) >= %(since)s AND COALESCE(started_at, created) < %(until)s
     GROUP BY 1
 )
 SELECT k, COALESCE(errors.errors, 0), COALESCE(errors.events, 0), COALESCE(runs.runs, 0)
@@ -293,47 +297,63 @@ FROM errors FULL JOIN runs USING (k)
 """
 
 
-def error_rate_above_baseline(rule: AlertRule, now: datetime) -> list[Finding]:
-    """Error events per run started in the last hour against the mean of the same ratio
-    over the week's active hours before it; value in percent above that mean."""
-    params = {"now": now, "project": rule.project.pk, "slug": rule.slug}
+def _hourly(
+    rule: AlertRule, since: datetime, until: datetime
+) -> dict[int, tuple[float, float, int]]:
+    """(errors, events, runs started) per hour of [since, until), hour 0 the newest."""
+    params = {"since": since, "until": until, "project": rule.project.pk, "slug": rule.slug}
     if rule.slug:
         # Per slug only errors are counted: an hour is active when it saw errors or runs.
-        sql = _HOURLY_SQL.format(
-            counts="(SELECT project_id, slug, minute, errors, errors AS events "
-            "FROM telemetry_slugerrorcount) AS c",
-            slug_filter="AND slug = %(slug)s",
-            run_slug_filter="AND slug = %(slug)s",
+        counts = (
+            "(SELECT project_id, slug, minute, errors, errors AS events "
+            "FROM telemetry_slugerrorcount) AS c"
         )
+        sql = _HOURLY_SQL.format(counts=counts, slug_filter="AND slug = %(slug)s")
     else:
-        sql = _HOURLY_SQL.format(counts="runs_eventcount", slug_filter="", run_slug_filter="")
+        sql = _HOURLY_SQL.format(counts="runs_eventcount", slug_filter="")
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        hours = {
-            k: (float(errors), float(events), int(runs))
-            for k, errors, events, runs in cursor.fetchall()
-        }
+        return {k: (float(e), float(n), int(r)) for k, e, n, r in cursor.fetchall()}
 
-    def rate(k: int) -> float:
-        errors, _, runs = hours[k]
-        return errors / max(1, runs)
 
-    active = [
-        k for k in range(1, BASELINE_HOURS + 1) if k in hours and (hours[k][1] or hours[k][2])
-    ]
-    if len(active) < BASELINE_MIN_HOURS or 0 not in hours:
-        return []  # too little history to call anything unusual
-    baseline = sum(rate(k) for k in active) / len(active)
-    current = rate(0)
-    if baseline <= 0:
-        return []  # a project that never errs: error_events is the rule for it
-    above = (current - baseline) / baseline * 100
+def _rate(errors: float, runs: int) -> float:
+    return errors / max(1, runs)
+
+
+def baseline(rule: AlertRule, now: datetime) -> float | None:
+    """The mean of error events per run started over the active hours of the 168 whole
+    hours before this one; None with too little history. Computed once an hour per rule
+    and kept on it (the one costly read of the conditions)."""
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    if rule.baseline_hour == hour:
+        return rule.baseline
+    hours = _hourly(rule, hour - timedelta(hours=BASELINE_HOURS), hour)
+    active = [(e, r) for e, n, r in hours.values() if n or r]
+    value = None
+    if len(active) >= BASELINE_MIN_HOURS:
+        value = sum(_rate(e, r) for e, r in active) / len(active)
+    rule.baseline, rule.baseline_hour = value, hour
+    AlertRule.objects.filter(pk=rule.pk).update(baseline=value, baseline_hour=hour)
+    return value
+
+
+def error_rate_above_baseline(rule: AlertRule, now: datetime) -> list[Finding]:
+    """Error events per run started in the last 60 minutes against the baseline; the
+    value is how many percent above it."""
+    mean = baseline(rule, now)
+    if not mean:
+        return []  # too little history, or a project that never errs (error_events is for it)
+    hour = _hourly(rule, now - timedelta(hours=1), now).get(0)
+    if hour is None or not (hour[1] or hour[2]):
+        return []
+    current = _rate(hour[0], hour[2])
+    above = (current - mean) / mean * 100
     if above <= (rule.threshold or 0):
         return []
     subject, who = _subject(rule)
     text = (
         f"{who}: {current:.2f} error events per run in the last hour, {above:.0f}% above "
-        f"the 7-day hourly mean of {baseline:.2f} (threshold {rule.threshold:g}%)"
+        f"the 7-day hourly mean of {mean:.2f} (threshold {rule.threshold:g}%)"
     )
     path = _runs_path(rule, rule.slug) if rule.slug else reverse("telemetry:errors")
     return [Finding(subject, text, round(above, 1), rule.slug, path)]

@@ -1,7 +1,8 @@
 """The evaluation round: every enabled rule, its condition, its states, its messages.
 
 Run by beat every 30 s (`telemetry.tasks.evaluate_alerts`). One round at a time
-(a transaction-scoped advisory lock): two beats or a slow round never notify twice.
+(a session advisory lock, released when the round ends or its connection closes):
+two beats or a slow round never notify twice.
 Per rule and subject: a subject entering the condition fires, unless it was notified
 less than the cooldown ago (a flapping condition then fires once the cooldown is
 over, if still true); all subjects firing in one round make one message; a
@@ -25,7 +26,7 @@ from telemetry.models import AlertRule, AlertState
 
 logger = logging.getLogger("runlens.alerts")
 
-# pg_try_advisory_xact_lock key of the round ("RLAL").
+# pg_try_advisory_lock key of the round ("RLAL").
 ROUND_LOCK = 0x524C414C
 
 
@@ -45,14 +46,19 @@ class Round:
 
 def run_round(now: datetime | None = None) -> Round | None:
     """Evaluate every enabled rule once; None when another round holds the lock.
-    Messages are handed to the delivery task after the round commits."""
+
+    Conditions only read, outside any transaction: a rule whose read fails costs no
+    other rule anything. A rule's state changes are written in a short transaction of
+    their own, only when something changed, and its messages handed to the delivery
+    task once that commits.
+    """
     now = now or timezone.now()
     result = Round()
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [ROUND_LOCK])
-            if not cursor.fetchone()[0]:
-                return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [ROUND_LOCK])
+        if not cursor.fetchone()[0]:
+            return None
+    try:
         rules = (
             AlertRule.objects.filter(enabled=True)
             .select_related("project")
@@ -62,17 +68,22 @@ def run_round(now: datetime | None = None) -> Round | None:
         for rule in rules:
             result.rules += 1
             try:
-                with transaction.atomic():
-                    result.messages.extend(evaluate(rule, now))
-                evaluated.append(rule.pk)
+                cursor = (rule.cursor, rule.cursor_next)
+                findings = CONDITIONS[rule.condition].check(rule, now)
+                messages = settle(rule, findings, now, cursor)
             except Exception as exc:
                 logger.exception("alert rule %r could not be evaluated", rule.name)
                 result.failed_rules.append(rule.name)
                 AlertRule.objects.filter(pk=rule.pk).update(
                     last_evaluated_at=now, last_eval_error=f"{type(exc).__name__}: {exc}"[:1000]
                 )
+                continue
+            result.messages.extend(messages)
+            evaluated.append(rule.pk)
         AlertRule.objects.filter(pk__in=evaluated).update(last_evaluated_at=now, last_eval_error="")
-        transaction.on_commit(lambda: send(result.messages))
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [ROUND_LOCK])
     return result
 
 
@@ -89,70 +100,80 @@ def send(messages: list[Message]) -> None:
                 logger.exception("could not enqueue an alert for channel %s", channel_id)
 
 
-def evaluate(rule: AlertRule, now: datetime) -> list[Message]:
+def settle(
+    rule: AlertRule, found: list[Finding], now: datetime, cursor: tuple[int, int]
+) -> list[Message]:
+    """Compare a rule's findings with its states. What changed is written in one short
+    transaction (nothing, most rounds), and its messages go to delivery once it commits."""
     check = CONDITIONS[rule.condition]
-    cursor = (rule.cursor, rule.cursor_next)
     findings: dict[str, Finding] = {}
-    for finding in check.check(rule, now):
+    for finding in found:
         findings.setdefault(finding.subject, finding)
     states = {state.subject: state for state in rule.states.all()}
     fired: list[Item] = []
     resolved: list[Item] = []
-    changed: list[AlertState] = []
     created: list[AlertState] = []
+    changed: list[AlertState] = []
     for subject, finding in findings.items():
         state = states.get(subject)
         if state is None:
-            state = AlertState(rule=rule, subject=subject, since=now)
+            state = AlertState(rule=rule, subject=subject, since=now, updated=now)
             created.append(state)
-        else:
-            changed.append(state)
+        before = (state.state, state.label, state.notified)
         if state.state != AlertState.State.FIRING:
             state.state, state.since, state.notified = AlertState.State.FIRING, now, False
-        state.label, state.value = finding.text[:300], finding.value
-        state.slug, state.path, state.updated = finding.slug[:200], finding.path[:600], now
+        if state.label != finding.text[:300]:
+            # The text carries what changed (a count, a spend); a value that moves every
+            # round without it (seconds of silence) is not worth a write each round.
+            state.label, state.value = finding.text[:300], finding.value
+            state.slug, state.path = finding.slug[:200], finding.path[:600]
         quiet = state.last_notified_at is None or now - state.last_notified_at >= rule.cooldown
         if not state.notified and quiet:
             state.notified, state.last_notified_at = True, now
             fired.append(_item(state))
-    gone = []
+        if state.pk is not None and before != (state.state, state.label, state.notified):
+            state.updated = now
+            changed.append(state)
+    gone: list[int] = []
     for subject, state in states.items():
-        if subject in findings or state.state != AlertState.State.FIRING:
+        if subject in findings:
             continue
-        if not check.resolves:
+        if state.state == AlertState.State.FIRING and not check.resolves:
             gone.append(state.pk)  # a one-off happening: nothing to clear, nothing to send
-            continue
-        if state.notified:
-            resolved.append(_item(state))
-        state.state, state.notified, state.updated = AlertState.State.OK, False, now
-        changed.append(state)
-    if created:
-        AlertState.objects.bulk_create(created)
-    if changed:
-        AlertState.objects.bulk_update(
-            changed,
-            ["state", "since", "notified", "last_notified_at", "label", "value", "slug", "path"]
-            + ["updated"],
-        )
-    # Cleared subjects are kept while their cooldown runs (a flap must not page again).
-    stale = rule.states.filter(state=AlertState.State.OK, updated__lt=now - rule.cooldown)
-    if gone:
-        rule.states.filter(pk__in=gone).delete()
-    if any(s.state == AlertState.State.OK for s in states.values()):
-        stale.delete()
-    if (rule.cursor, rule.cursor_next) != cursor:
-        AlertRule.objects.filter(pk=rule.pk).update(
-            cursor=rule.cursor, cursor_next=rule.cursor_next
-        )
+        elif state.state == AlertState.State.FIRING:
+            if state.notified:
+                resolved.append(_item(state))
+            state.state, state.notified, state.updated = AlertState.State.OK, False, now
+            changed.append(state)
+        elif state.updated < now - rule.cooldown:
+            gone.append(state.pk)  # cleared long enough ago: a new episode notifies anyway
+
     messages = []
     channels = [c.pk for c in rule.channels.all() if c.enabled]
     for state_name, items in (("firing", fired), ("resolved", resolved)):
-        if not items:
-            continue
-        items.sort(key=lambda i: (-(i.value or 0), i.subject))
-        messages.append(Message(rule.pk, channels, payload(rule, state_name, items, now)))
+        if items:
+            items.sort(key=lambda i: (-(i.value or 0), i.subject))
+            messages.append(Message(rule.pk, channels, payload(rule, state_name, items, now)))
+    moved = (rule.cursor, rule.cursor_next) != cursor
+    if not (created or changed or gone or fired or moved):
+        return []
+    with transaction.atomic():
+        if created:
+            AlertState.objects.bulk_create(created)
+        if changed:
+            fields = ["state", "since", "notified", "last_notified_at", "label", "value", "slug"]
+            AlertState.objects.bulk_update(changed, [*fields, "path", "updated"])
+        if gone:
+            AlertState.objects.filter(pk__in=gone).delete()
+        if moved:
+            # new_error_group moves the rule's cursor as it reads: keep where it got to.
+            AlertRule.objects.filter(pk=rule.pk).update(
+                cursor=rule.cursor, cursor_next=rule.cursor_next
+            )
+        if fired:
+            AlertRule.objects.filter(pk=rule.pk).update(last_fired_at=now)
+        transaction.on_commit(lambda: send(messages))
     if fired:
-        AlertRule.objects.filter(pk=rule.pk).update(last_fired_at=now)
         logger.warning("alert %r fires for %s subject(s)", rule.name, len(fired))
     if messages and not channels:
         logger.warning("alert %r has no enabled channel: nothing is sent", rule.name)
