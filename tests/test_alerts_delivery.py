@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.contrib.messages import get_messages
 from django.core import mail
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -395,3 +396,70 @@ def test_the_alerts_panel_refreshes_as_a_fragment(operator_client, project):
     assert response.status_code == 200
     assert response.content.decode().lstrip().startswith('<div id="alerts-panel"')
     assert "No alert rule yet" in response.content.decode()
+
+
+# --- The admin -------------------------------------------------------------------------
+
+
+def test_the_admin_refuses_a_rule_its_condition_cannot_use(admin_client, project):
+    response = admin_client.post(
+        "/admin/telemetry/alertrule/add/",
+        {
+            "name": "spike",
+            "project": project.pk,
+            "slug": "",
+            "condition": "error_events",
+            "threshold": "",
+            "window_minutes": "5",
+            "cooldown_minutes": "30",
+            "enabled": "on",
+            "states-TOTAL_FORMS": "0",
+            "states-INITIAL_FORMS": "0",
+        },
+    )
+    assert response.status_code == 200
+    assert "error_events needs a threshold" in response.content.decode()
+    assert not AlertRule.objects.exists()
+
+
+def test_the_admin_lists_rules_with_their_states_and_sends_a_test_message(
+    admin_client, project, receiver
+):
+    hook = channel(name="ops", url=receiver.url)
+    rule = AlertRule.objects.create(name="failures", project=project, condition="run_failed")
+    rule.channels.add(hook)
+    AlertState.objects.create(rule=rule, subject="run:1", label="run r1 failed", state="firing")
+    assert "failures" in admin_client.get("/admin/telemetry/alertrule/").content.decode()
+    page = admin_client.get(f"/admin/telemetry/alertrule/{rule.pk}/change/").content.decode()
+    assert "run r1 failed" in page
+    response = admin_client.post(
+        "/admin/telemetry/alertchannel/", {"action": "send_test", "_selected_action": [hook.pk]}
+    )
+    assert [str(m) for m in get_messages(response.wsgi_request)] == ["ops: 200"]
+    assert receiver.messages()[0]["state"] == "test"
+
+
+def test_changing_what_a_rule_watches_in_the_admin_forgets_its_states(admin_client, project):
+    rule = AlertRule.objects.create(
+        name="spike", project=project, condition="error_events", threshold=5, window_minutes=5
+    )
+    AlertState.objects.create(rule=rule, subject="project", state="firing")
+    response = admin_client.post(
+        f"/admin/telemetry/alertrule/{rule.pk}/change/",
+        {
+            "name": "spike",
+            "project": project.pk,
+            "slug": "",
+            "condition": "rate_limited",
+            "threshold": "5",
+            "window_minutes": "5",
+            "cooldown_minutes": "30",
+            "enabled": "on",
+            "states-TOTAL_FORMS": "1",
+            "states-INITIAL_FORMS": "1",
+            "states-0-id": AlertState.objects.get().pk,
+            "states-0-rule": rule.pk,
+        },
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert not AlertState.objects.exists()
