@@ -14,6 +14,7 @@ import pytest
 from django.utils import timezone
 
 from runs.models import EventCount, Run
+from telemetry import retention
 from telemetry.alerts import conditions
 from telemetry.alerts.evaluation import run_round
 from telemetry.models import (
@@ -24,6 +25,7 @@ from telemetry.models import (
     IngestBatch,
     ProjectLimits,
     RefusalCount,
+    SlugErrorCount,
 )
 from tests.alert_receiver import start_receiver
 from tests.conftest import ndjson, record
@@ -257,7 +259,7 @@ def test_a_condition_that_flaps_within_its_cooldown_is_sent_again_only_after_it(
     evaluate(again)
     state.refresh_from_db()
     assert state.state == "firing" and not state.notified
-    # … nor when it clears again (its firing was never sent) …
+    assert len(receiver.messages()) == 2
     # … and once the cooldown is over, if still true, it is.
     later = now + timedelta(minutes=31)
     _keep_true(condition, project, later)
@@ -490,3 +492,13 @@ def test_disabled_rules_and_channels_send_nothing(project, hook, receiver, evalu
     AlertRule.objects.filter(pk=rule.pk).update(enabled=False)
     evaluate(now + timedelta(hours=1))
     assert receiver.messages() == []
+
+
+def test_retention_drops_the_alert_counts_after_eight_days(project):
+    now = timezone.now()
+    for days in (1, 9):
+        at = minute(now - timedelta(days=days))
+        RefusalCount.objects.create(project=project, minute=at, refused=1)
+        SlugErrorCount.objects.create(project=project, slug="s", minute=at, errors=1)
+    assert retention.prune_alert_counts(now) == 2
+    assert RefusalCount.objects.count() == SlugErrorCount.objects.count() == 1
