@@ -502,3 +502,26 @@ def test_retention_drops_the_alert_counts_after_eight_days(project):
         SlugErrorCount.objects.create(project=project, slug="s", minute=at, errors=1)
     assert retention.prune_alert_counts(now) == 2
     assert RefusalCount.objects.count() == SlugErrorCount.objects.count() == 1
+
+
+def test_rules_on_different_slugs_of_a_project_each_see_their_own_runs(
+    project, hook, receiver, evaluate
+):
+    make_rule(project, hook, "run_failed", name="a fails", slug="o__a")
+    make_rule(project, hook, "run_failed", name="b fails", slug="o__b")
+    make_rule(project, hook, "cost_over", name="b spends", slug="o__b", threshold=1)
+    now = timezone.now()
+    for slug in ("o__a", "o__b", "o__c"):
+        Run.objects.create(
+            project=project,
+            run_id=f"r-{slug}",
+            slug=slug,
+            status="failed",
+            finished_at=now,
+            started_at=now,
+            cost_usd=Decimal(5),
+        )
+    evaluate(now)
+    assert receiver.wait(3)
+    got = {m["rule"]: [s["slug"] for s in m["subjects"]] for m in receiver.messages()}
+    assert got == {"a fails": ["o__a"], "b fails": ["o__b"], "b spends": ["o__b"]}

@@ -9,9 +9,12 @@ window. docs/alerts.md says what each condition means.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlencode
 
 from django.db import connection
@@ -159,20 +162,43 @@ def error_group_regressed(rule: AlertRule, now: datetime) -> list[Finding]:
 
 
 # --- Runs --------------------------------------------------------------------------
+# Read once per project and round (`shared`), then narrowed to each rule's slug: a
+# project with many slug-scoped rules still costs one read of its runs per condition.
+
+_round: ContextVar[dict | None] = ContextVar("alert_round", default=None)
 
 
-def _runs(rule: AlertRule):
-    runs = Run.objects.filter(project=rule.project)
-    return runs.filter(slug=rule.slug) if rule.slug else runs
+@contextmanager
+def one_round() -> Iterator[None]:
+    """Within it, `shared` reads are made once (evaluation.run_round)."""
+    token = _round.set({})
+    try:
+        yield
+    finally:
+        _round.reset(token)
+
+
+def shared(key: tuple, read: Callable[[], Any]) -> Any:
+    memo = _round.get()
+    if memo is None:
+        return read()
+    if key not in memo:
+        memo[key] = read()
+    return memo[key]
+
+
+def _for_slug(rule: AlertRule, runs: list[Run]) -> list[Run]:
+    return [run for run in runs if run.slug == rule.slug] if rule.slug else runs
 
 
 def run_orphaned(rule: AlertRule, now: datetime) -> list[Finding]:
     """Runs that died silently (SPEC §7); clears when the run speaks again or is reset."""
-    orphans = Run.objects.orphans(now).filter(project=rule.project)
-    if rule.slug:
-        orphans = orphans.filter(slug=rule.slug)
+    orphans = shared(
+        ("orphans", rule.project_id),
+        lambda: list(Run.objects.orphans(now).filter(project=rule.project).order_by("id")[:2000]),
+    )
     found = []
-    for run in orphans.order_by("id")[:500]:
+    for run in _for_slug(rule, orphans)[:500]:
         seen = run.last_seen_at or run.started_at or run.created
         silent = int((now - seen).total_seconds())
         text = (
@@ -185,45 +211,51 @@ def run_orphaned(rule: AlertRule, now: datetime) -> list[Finding]:
 
 def run_failed(rule: AlertRule, now: datetime) -> list[Finding]:
     """Runs that finished failed or crashed since the rule exists (a day back at most)."""
-    since = max(now - EVENT_LOOKBACK, rule.created)
-    failed = (
-        _runs(rule)
-        .filter(status__in=[Run.Status.FAILED, Run.Status.CRASHED], finished_at__gte=since)
-        .order_by("id")[:500]
+    failed = shared(
+        ("failed", rule.project_id),
+        lambda: list(
+            Run.objects.filter(
+                project=rule.project,
+                status__in=[Run.Status.FAILED, Run.Status.CRASHED],
+                finished_at__gte=now - EVENT_LOOKBACK,
+            ).order_by("id")[:5000]
+        ),
     )
+    since = max(now - EVENT_LOOKBACK, rule.created)
     found = []
-    for run in failed:
+    for run in _for_slug(rule, failed):
+        if run.finished_at < since:
+            continue
         code = f" (exit code {run.exit_code})" if run.exit_code is not None else ""
         text = f"{run.slug or '-'}: run {run.run_id} {run.status}{code}"
         value = run.exit_code if run.exit_code is not None else None
         found.append(Finding(f"run:{run.pk}", text, value, run.slug, run.get_absolute_url()))
-    return found
+    return found[:500]
 
 
 def cost_over(rule: AlertRule, now: datetime) -> list[Finding]:
     """A slug's spend on runs started this UTC day, above the threshold in USD."""
     day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    spend = (
-        _runs(rule)
-        .alias(started=Coalesce("started_at", "created"))
-        .filter(started__gte=day, started__lt=day + timedelta(days=1))
-        .values("slug")
-        .annotate(usd=Sum("cost_usd"))
-        .filter(usd__gt=rule.threshold or 0)
-        .order_by("-usd")
+    spend = shared(
+        ("spend", rule.project_id, day),
+        lambda: dict(
+            Run.objects.filter(project=rule.project)
+            .alias(started=Coalesce("started_at", "created"))
+            .filter(started__gte=day, started__lt=day + timedelta(days=1))
+            .values("slug")
+            .annotate(usd=Sum("cost_usd"))
+            .values_list("slug", "usd")
+        ),
     )
     found = []
-    for row in spend:
-        usd = float(row["usd"])
-        text = (
-            f"{row['slug'] or '-'}: ${usd:,.2f} spent on {day:%Y-%m-%d} (UTC), "
-            f"budget ${rule.threshold:,.2f}"
-        )
+    for slug, usd in sorted(spend.items(), key=lambda item: -item[1]):
+        if (rule.slug and slug != rule.slug) or float(usd) <= (rule.threshold or 0):
+            continue
+        text = f"{slug or '-'}: ${usd:,.2f} spent on {day:%Y-%m-%d} (UTC)"
+        text += f", budget ${rule.threshold:,.2f}"
         # The day is part of the subject: tomorrow's overspend is news again.
-        subject = f"slug:{row['slug']}@{day:%Y-%m-%d}"
-        found.append(
-            Finding(subject, text, round(usd, 6), row["slug"], _runs_path(rule, row["slug"]))
-        )
+        subject = f"slug:{slug}@{day:%Y-%m-%d}"
+        found.append(Finding(subject, text, round(float(usd), 6), slug, _runs_path(rule, slug)))
     return found
 
 
@@ -233,15 +265,17 @@ def no_runs(rule: AlertRule, now: datetime) -> list[Finding]:
     cutoff = now - timedelta(minutes=rule.window_minutes or 1)
     if rule.created > cutoff:
         return []  # give a new rule one window before it judges silence
-    last = (
-        _runs(rule)
-        .values("slug")
-        .annotate(seen=Max(Greatest("created", "last_event_at", "last_heartbeat")))
-        .order_by()
+    last = shared(
+        ("last seen", rule.project_id),
+        lambda: dict(
+            Run.objects.filter(project=rule.project)
+            .values("slug")
+            .annotate(seen=Max(Greatest("created", "last_event_at", "last_heartbeat")))
+            .order_by()
+            .values_list("slug", "seen")
+        ),
     )
-    seen = {row["slug"]: row["seen"] for row in last}
-    if rule.slug:
-        seen.setdefault(rule.slug, None)
+    seen = {rule.slug: last.get(rule.slug)} if rule.slug else last
     found = []
     for slug, at in sorted(seen.items()):
         if at is not None and at >= cutoff:

@@ -20,6 +20,7 @@ from datetime import datetime
 from django.db import connection, transaction
 from django.utils import timezone
 
+from telemetry.alerts import conditions
 from telemetry.alerts.conditions import CONDITIONS, Finding
 from telemetry.alerts.messages import Item, payload
 from telemetry.models import AlertRule, AlertState
@@ -59,28 +60,31 @@ def run_round(now: datetime | None = None) -> Round | None:
         if not cursor.fetchone()[0]:
             return None
     try:
-        rules = (
-            AlertRule.objects.filter(enabled=True)
-            .select_related("project")
-            .prefetch_related("channels", "states")
-        )
-        evaluated = []
-        for rule in rules:
-            result.rules += 1
-            try:
-                cursor = (rule.cursor, rule.cursor_next)
-                findings = CONDITIONS[rule.condition].check(rule, now)
-                messages = settle(rule, findings, now, cursor)
-            except Exception as exc:
-                logger.exception("alert rule %r could not be evaluated", rule.name)
-                result.failed_rules.append(rule.name)
-                AlertRule.objects.filter(pk=rule.pk).update(
-                    last_evaluated_at=now, last_eval_error=f"{type(exc).__name__}: {exc}"[:1000]
-                )
-                continue
-            result.messages.extend(messages)
-            evaluated.append(rule.pk)
-        AlertRule.objects.filter(pk__in=evaluated).update(last_evaluated_at=now, last_eval_error="")
+        with conditions.one_round():
+            rules = (
+                AlertRule.objects.filter(enabled=True)
+                .select_related("project")
+                .prefetch_related("channels", "states")
+            )
+            evaluated = []
+            for rule in rules:
+                result.rules += 1
+                try:
+                    cursor = (rule.cursor, rule.cursor_next)
+                    findings = CONDITIONS[rule.condition].check(rule, now)
+                    messages = settle(rule, findings, now, cursor)
+                except Exception as exc:
+                    logger.exception("alert rule %r could not be evaluated", rule.name)
+                    result.failed_rules.append(rule.name)
+                    AlertRule.objects.filter(pk=rule.pk).update(
+                        last_evaluated_at=now, last_eval_error=f"{type(exc).__name__}: {exc}"[:1000]
+                    )
+                    continue
+                result.messages.extend(messages)
+                evaluated.append(rule.pk)
+            AlertRule.objects.filter(pk__in=evaluated).update(
+                last_evaluated_at=now, last_eval_error=""
+            )
     finally:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_unlock(%s)", [ROUND_LOCK])
