@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test setup lint format bench bench-metrics bench-sentry clean
+.PHONY: run test setup lint format bench bench-metrics bench-sentry bench-alerts clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-metrics: $(VENV)/.dev
 
 bench-sentry: $(VENV)/.dev
 	$(BIN)/python bench/sentry.py
+
+bench-alerts: $(VENV)/.dev
+	$(BIN)/python bench/alerts.py
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache

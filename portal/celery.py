@@ -24,6 +24,7 @@ app.conf.beat_schedule = {
         "schedule": 30.0,
     },
     "detect-orphans": {"task": "runs.tasks.detect_orphans", "schedule": 30.0},
+    "evaluate-alerts": {"task": "telemetry.tasks.evaluate_alerts", "schedule": 30.0},
     "retention": {"task": "telemetry.tasks.prune", "schedule": 3600.0},
     "event-partitions": {"task": "runs.tasks.ensure_partitions", "schedule": 3600.0},
     "purge-rate-counters": {"task": "telemetry.tasks.purge_rate_counters", "schedule": 300.0},

@@ -263,6 +263,24 @@ SENTRY_MAX_BYTES = env_int("SENTRY_MAX_BYTES", 20 * 1024 * 1024, minimum=64 * 10
 ERROR_REPORT_MAX_AGE_DAYS = env_int("ERROR_REPORT_MAX_AGE_DAYS", 30, minimum=1)
 ERROR_REPORTS_PER_GROUP = env_int("ERROR_REPORTS_PER_GROUP", 200, minimum=1)
 
+# --- Alerts (docs/alerts.md) -------------------------------------------------
+# One delivery attempt waits this long for a receiver; timeouts, 5xx and 429 are
+# retried 3 times after ALERT_RETRY_BACKOFF_SECONDS, doubled each time.
+ALERT_TIMEOUT_SECONDS = env_int("ALERT_TIMEOUT_SECONDS", 10, minimum=1)
+ALERT_RETRY_BACKOFF_SECONDS = env_int("ALERT_RETRY_BACKOFF_SECONDS", 10, minimum=0)
+# Email channels: Django's SMTP backend, configured from the environment.
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+if EMAIL_USE_TLS and EMAIL_USE_SSL:
+    raise ImproperlyConfigured("EMAIL_USE_TLS and EMAIL_USE_SSL are exclusive: set one")
+EMAIL_TIMEOUT = ALERT_TIMEOUT_SECONDS
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "runlens@localhost")
+
 # --- Logging ----------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

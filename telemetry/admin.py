@@ -1,7 +1,19 @@
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.utils import timezone
 
 from runs.admin import ReadOnlyAdmin
-from telemetry.models import ErrorGroup, ErrorReport, IngestBatch, ProjectLimits, Span
+from telemetry.alerts import delivery
+from telemetry.alerts.messages import sample_payload
+from telemetry.models import (
+    AlertChannel,
+    AlertRule,
+    AlertState,
+    ErrorGroup,
+    ErrorReport,
+    IngestBatch,
+    ProjectLimits,
+    Span,
+)
 
 
 @admin.register(IngestBatch)
@@ -103,3 +115,106 @@ class SpanAdmin(ReadOnlyAdmin):
     list_select_related = ("project",)
     raw_id_fields = ("run",)
     ordering = ("-id",)
+
+
+# --- Alerts (docs/alerts.md) ----------------------------------------------------------
+
+
+@admin.register(AlertChannel)
+class AlertChannelAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "kind",
+        "target",
+        "enabled",
+        "last_success_at",
+        "last_error_at",
+        "last_error_status",
+    )
+    list_filter = ("kind", "enabled")
+    search_fields = ("name",)
+    readonly_fields = (
+        "last_success_at",
+        "last_error_at",
+        "last_error_status",
+        "last_error",
+        "hour_start",
+        "hour_count",
+        "created",
+    )
+    actions = ["send_test"]
+
+    @admin.action(description="Send a test message now")
+    def send_test(self, request, queryset):
+        now = timezone.now()
+        for channel in queryset:
+            answer = delivery.send(channel, sample_payload(now))
+            status = answer.status if answer.status is not None else "no answer"
+            if answer.ok:
+                channel.note_success(now)
+                self.message_user(request, f"{channel.name}: {status}", messages.SUCCESS)
+            else:
+                channel.note_error(now, answer.status, answer.text)
+                self.message_user(
+                    request, f"{channel.name}: {status}: {answer.text[:300]}", messages.ERROR
+                )
+
+
+class AlertStateInline(admin.TabularInline):
+    model = AlertState
+    extra = 0
+    can_delete = False
+    fields = ("subject", "label", "state", "value", "since", "notified", "last_notified_at")
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(AlertRule)
+class AlertRuleAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "project",
+        "slug",
+        "condition",
+        "threshold",
+        "window_minutes",
+        "cooldown_minutes",
+        "enabled",
+        "last_fired_at",
+        "last_delivery_error",
+    )
+    list_filter = ("condition", "enabled", "project")
+    search_fields = ("name", "slug")
+    list_select_related = ("project",)
+    filter_horizontal = ("channels",)
+    fields = (
+        "name",
+        "project",
+        "slug",
+        "condition",
+        "threshold",
+        "window_minutes",
+        "cooldown_minutes",
+        "channels",
+        "enabled",
+        "last_evaluated_at",
+        "last_eval_error",
+        "last_fired_at",
+        "last_delivery_at",
+        "last_delivery_error",
+    )
+    readonly_fields = (
+        "last_evaluated_at",
+        "last_eval_error",
+        "last_fired_at",
+        "last_delivery_at",
+        "last_delivery_error",
+    )
+    inlines = [AlertStateInline]
+
+    def save_model(self, request, obj, form, change) -> None:
+        if change and {"project", "slug", "condition"} & set(form.changed_data):
+            obj.restart()  # it watches something else now: its old states mean nothing
+        super().save_model(request, obj, form, change)

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import logging
 import zlib
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.postgres.indexes import BrinIndex
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, models, transaction
 from django.db.models import F, Q
 from django.db.models.functions import TruncHour
@@ -610,3 +612,304 @@ class Span(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.span_id})"
+
+
+# --- Alerts (docs/alerts.md) ----------------------------------------------------------
+
+
+class RefusalCount(models.Model):
+    """Write requests answered 429 per project and minute: what the `rate_limited` alert
+    counts. RateCounter cannot serve: it is unlogged and purged every few minutes.
+    One upsert per refused request, only when a request is refused (ratelimit.hit_project)."""
+
+    project = models.ForeignKey(Project, models.CASCADE, related_name="+")
+    minute = models.DateTimeField()
+    refused = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "minute"], name="refusalcount_minute")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.refused} refused at {self.minute:%Y-%m-%d %H:%M}"
+
+
+class SlugErrorCount(models.Model):
+    """Error-level events per project, slug and minute: the slug-scoped `error_events`
+    and `error_rate_above_baseline` alerts read these instead of the events. Kept by
+    the worker next to EventCount, one upsert per batch that holds errors."""
+
+    project = models.ForeignKey(Project, models.CASCADE, related_name="+")
+    slug = models.CharField(max_length=200)
+    minute = models.DateTimeField()
+    errors = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "slug", "minute"], name="slugerrorcount_minute"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.errors} errors of {self.slug} at {self.minute:%Y-%m-%d %H:%M}"
+
+
+class AlertChannel(models.Model):
+    """Where alert messages go. The outcome of the newest delivery is kept here and shown
+    on /alerts and in the admin, so a broken channel never fails silently."""
+
+    class Kind(models.TextChoices):
+        WEBHOOK = "webhook"
+        SLACK = "slack"
+        DISCORD = "discord"
+        EMAIL = "email"
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    url = models.URLField(max_length=2000, blank=True, help_text="webhook, slack, discord")
+    to = models.TextField(blank=True, help_text="email: addresses, one per line or comma")
+    headers = models.JSONField(
+        default=dict, blank=True, help_text="Extra HTTP headers (webhook): {name: value}."
+    )
+    enabled = models.BooleanField(default=True)
+    max_per_hour = models.PositiveIntegerField(
+        default=60, help_text="Messages per hour at most; beyond, they are dropped and noted."
+    )
+    # The newest delivery: success, or the error (status and the first 1 KB of the answer).
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_error_at = models.DateTimeField(null=True, blank=True)
+    last_error_status = models.IntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    # The hourly cap: messages sent in the hour that started at `hour_start`.
+    hour_start = models.DateTimeField(null=True, blank=True)
+    hour_count = models.PositiveIntegerField(default=0)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        problem = self.problem()
+        if problem:
+            raise ValidationError(problem)
+
+    def problem(self) -> str:
+        """What keeps this channel from working, or "" (the admin and `alerts import`)."""
+        if self.kind not in self.Kind.values:
+            return f"kind must be one of {', '.join(self.Kind.values)}"
+        if self.kind == self.Kind.EMAIL:
+            if not self.recipients():
+                return "an email channel needs `to` (one address or more)"
+            bad = [a for a in self.recipients() if "@" not in a or any(c in a for c in "\r\n<>")]
+            if bad:
+                return f"not an email address: {bad[0]!r}"
+            return ""
+        if not self.url.startswith(("http://", "https://")):
+            return f"a {self.kind} channel needs `url` (http:// or https://)"
+        if not isinstance(self.headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and "\n" not in k + v and "\r" not in k + v
+            for k, v in self.headers.items()
+        ):
+            return "`headers` must map names to values, all strings on one line"
+        return ""
+
+    def recipients(self) -> list[str]:
+        return [a.strip() for a in self.to.replace("\n", ",").split(",") if a.strip()]
+
+    @property
+    def target(self) -> str:
+        """Where it sends, safe to show: the scheme and host of a URL (the path of a Slack
+        or Discord webhook is its secret), or the addresses."""
+        if self.kind == self.Kind.EMAIL:
+            return ", ".join(self.recipients())
+        scheme, _, rest = self.url.partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0].rpartition('@')[2]}"
+
+    def take_hourly_slot(self, now: datetime) -> bool:
+        """Count one message against the hourly cap, atomically; False when the cap is
+        reached (the message is dropped and the drop noted as the channel's error)."""
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE telemetry_alertchannel SET"
+                " hour_count = CASE WHEN hour_start = %s THEN hour_count + 1 ELSE 1 END,"
+                " hour_start = %s"
+                " WHERE id = %s AND (hour_start IS DISTINCT FROM %s OR hour_count < max_per_hour)",
+                [hour, hour, self.pk, hour],
+            )
+            return cursor.rowcount == 1
+
+    def note_success(self, now: datetime) -> None:
+        AlertChannel.objects.filter(pk=self.pk).update(last_success_at=now)
+
+    def note_error(self, now: datetime, status: int | None, text: str) -> None:
+        AlertChannel.objects.filter(pk=self.pk).update(
+            last_error_at=now, last_error_status=status, last_error=text[:1024]
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """Its newest delivery succeeded (or none failed yet)."""
+        if self.last_error_at is None:
+            return True
+        return self.last_success_at is not None and self.last_success_at > self.last_error_at
+
+
+class Condition(models.TextChoices):
+    ERROR_EVENTS = "error_events"
+    NEW_ERROR_GROUP = "new_error_group"
+    ERROR_GROUP_REGRESSED = "error_group_regressed"
+    RUN_ORPHANED = "run_orphaned"
+    RUN_FAILED = "run_failed"
+    RATE_LIMITED = "rate_limited"
+    COST_OVER = "cost_over"
+    NO_RUNS = "no_runs"
+    INGEST_BACKLOG = "ingest_backlog"
+    ERROR_RATE_ABOVE_BASELINE = "error_rate_above_baseline"
+
+
+@dataclass(frozen=True)
+class ConditionKeys:
+    """Which rule keys a condition reads (docs/alerts.md)."""
+
+    threshold: bool = False
+    window: bool = False
+    slug: bool = True  # may be narrowed to one slug
+    unit: str = ""
+
+
+CONDITION_KEYS: dict[str, ConditionKeys] = {
+    Condition.ERROR_EVENTS: ConditionKeys(threshold=True, window=True, unit="error events"),
+    Condition.NEW_ERROR_GROUP: ConditionKeys(),
+    Condition.ERROR_GROUP_REGRESSED: ConditionKeys(slug=False),
+    Condition.RUN_ORPHANED: ConditionKeys(),
+    Condition.RUN_FAILED: ConditionKeys(),
+    Condition.RATE_LIMITED: ConditionKeys(
+        threshold=True, window=True, slug=False, unit="answers 429"
+    ),
+    Condition.COST_OVER: ConditionKeys(threshold=True, unit="USD today (UTC)"),
+    Condition.NO_RUNS: ConditionKeys(window=True),
+    Condition.INGEST_BACKLOG: ConditionKeys(threshold=True, slug=False, unit="s"),
+    Condition.ERROR_RATE_ABOVE_BASELINE: ConditionKeys(threshold=True, unit="% above baseline"),
+}
+
+
+class AlertRule(models.Model):
+    """One alert: a condition on a project (optionally one slug), the channels it
+    notifies and how often at most (docs/alerts.md). Edited in the admin or
+    round-tripped through `manage.py alerts import/export`."""
+
+    name = models.CharField(max_length=200, unique=True)
+    project = models.ForeignKey(Project, models.CASCADE, related_name="alert_rules")
+    slug = models.CharField(max_length=200, blank=True, help_text="Empty: every slug.")
+    condition = models.CharField(max_length=32, choices=Condition.choices)
+    threshold = models.FloatField(null=True, blank=True)
+    window_minutes = models.PositiveIntegerField(null=True, blank=True)
+    cooldown_minutes = models.PositiveIntegerField(
+        default=30, help_text="One message per subject in this time at most."
+    )
+    channels = models.ManyToManyField(AlertChannel, related_name="rules", blank=True)
+    enabled = models.BooleanField(default=True)
+    created = models.DateTimeField(default=timezone.now)
+    # new_error_group reads groups above `cursor`; `cursor_next` becomes the cursor one
+    # round later, so a group committed late by a slower worker is still seen.
+    cursor = models.BigIntegerField(default=0)
+    cursor_next = models.BigIntegerField(default=0)
+    # error_rate_above_baseline: the week's hourly mean, computed once per clock hour.
+    baseline = models.FloatField(null=True, blank=True)
+    baseline_hour = models.DateTimeField(null=True, blank=True)
+    # The alerting's own health: the newest evaluation and its error, the newest message.
+    last_evaluated_at = models.DateTimeField(null=True, blank=True)
+    last_eval_error = models.TextField(blank=True)
+    last_fired_at = models.DateTimeField(null=True, blank=True)
+    last_delivery_at = models.DateTimeField(null=True, blank=True)
+    last_delivery_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args, **kwargs) -> None:
+        if self._state.adding:
+            self.prime()
+        super().save(*args, **kwargs)
+
+    @property
+    def keys(self) -> ConditionKeys:
+        return CONDITION_KEYS.get(self.condition, ConditionKeys())
+
+    def clean(self) -> None:
+        problem = self.problem()
+        if problem:
+            raise ValidationError(problem)
+
+    def problem(self) -> str:
+        """What makes this rule meaningless, or "" (the admin and `alerts import`)."""
+        if self.condition not in CONDITION_KEYS:
+            return f"condition must be one of {', '.join(CONDITION_KEYS)}"
+        keys = self.keys
+        if keys.threshold and self.threshold is None:
+            return f"{self.condition} needs a threshold ({keys.unit})"
+        if self.threshold is not None and (self.threshold != self.threshold or self.threshold < 0):
+            return "threshold must be a number >= 0"
+        if keys.window and not self.window_minutes:
+            return f"{self.condition} needs window_minutes (1 or more)"
+        if self.slug and not keys.slug:
+            return f"{self.condition} is per project: leave slug empty (null)"
+        return ""
+
+    def prime(self) -> None:
+        """Start from now: groups that exist already are not new to this rule."""
+        top = ErrorGroup.objects.aggregate(top=models.Max("id"))["top"] or 0
+        self.cursor = self.cursor_next = top
+
+    def restart(self) -> None:
+        """What the rule watches changed (condition, project, slug): forget its states."""
+        self.prime()
+        self.created = timezone.now()
+        self.baseline = self.baseline_hour = None
+        self.states.all().delete()
+
+    @property
+    def cooldown(self) -> timedelta:
+        return timedelta(minutes=self.cooldown_minutes)
+
+    @property
+    def firing(self) -> bool:
+        return any(s.state == AlertState.State.FIRING for s in self.states.all())
+
+
+class AlertState(models.Model):
+    """What a rule knows about one subject (a slug, a run, an error group, the project):
+    firing or ok, since when, and whether this episode was notified (cooldown)."""
+
+    class State(models.TextChoices):
+        OK = "ok"
+        FIRING = "firing"
+
+    rule = models.ForeignKey(AlertRule, models.CASCADE, related_name="states")
+    subject = models.CharField(max_length=300)
+    label = models.CharField(max_length=300, blank=True)
+    slug = models.CharField(max_length=200, blank=True)
+    path = models.CharField(max_length=600, blank=True, help_text="portal page of the subject")
+    state = models.CharField(max_length=8, choices=State.choices, default=State.OK)
+    value = models.FloatField(null=True, blank=True)
+    since = models.DateTimeField(default=timezone.now)
+    notified = models.BooleanField(default=False, help_text="this episode's message went out")
+    last_notified_at = models.DateTimeField(null=True, blank=True)
+    updated = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["rule", "subject"], name="alertstate_rule_subject")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {self.label or self.subject} {self.state}"

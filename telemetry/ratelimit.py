@@ -100,7 +100,26 @@ def hit_project(project_id: int, now: float | None = None) -> Verdict | None:
     if row is None:
         return None
     hits, limit = row
-    return _verdict(hits, limit, retry_after)
+    verdict = _verdict(hits, limit, retry_after)
+    if not verdict.allowed:
+        count_refusal(project_id, now)
+    return verdict
+
+
+# What the `rate_limited` alert reads (docs/alerts.md): 429s per project and minute,
+# durable, kept as long as the project's event counts.
+_REFUSAL_SQL = """
+INSERT INTO telemetry_refusalcount AS c (project_id, minute, refused)
+VALUES (%s, to_timestamp(%s), 1)
+ON CONFLICT (project_id, minute) DO UPDATE SET refused = c.refused + 1
+"""
+
+
+def count_refusal(project_id: int, now: float | None = None) -> None:
+    """Count one write request of a project answered 429. Paid only by refused requests."""
+    start, _ = _window(now)
+    with connection.cursor() as cursor:
+        cursor.execute(_REFUSAL_SQL, [project_id, start])
 
 
 def purge(now: float | None = None) -> int:

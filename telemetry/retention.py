@@ -13,7 +13,7 @@ from django.utils import timezone
 from portal.logging import housekeeping_level
 from runs.retention import CHUNK, prune_runs
 from telemetry.health import record_retention
-from telemetry.models import ErrorGroup, ErrorReport
+from telemetry.models import ErrorGroup, ErrorReport, RefusalCount, SlugErrorCount
 
 REPORT_CHUNK = 5000
 
@@ -24,6 +24,7 @@ def prune() -> dict[str, int]:
     """Apply every retention policy now. Returns runs deleted per project slug."""
     result = prune_runs()
     reports = prune_error_reports()
+    prune_alert_counts()
     logger.log(
         housekeeping_level(reports),
         "retention: %s error report(s) deleted",
@@ -32,6 +33,14 @@ def prune() -> dict[str, int]:
     )
     record_retention(result, reports)
     return result
+
+
+def prune_alert_counts(now: datetime | None = None) -> int:
+    """The per-minute counts alerts read (refusals, errors per slug) are needed for the
+    longest look back of any condition, the 7-day baseline: 8 days are kept."""
+    cutoff = (now or timezone.now()) - timedelta(days=8)
+    refusals = RefusalCount.objects.filter(minute__lt=cutoff).delete()[0]
+    return refusals + SlugErrorCount.objects.filter(minute__lt=cutoff).delete()[0]
 
 
 def prune_error_reports(now: datetime | None = None) -> int:

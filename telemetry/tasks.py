@@ -8,6 +8,7 @@ from celery import shared_task
 
 from portal.logging import housekeeping_level, request_id_var
 from telemetry import ratelimit, retention
+from telemetry.alerts import delivery, evaluation
 from telemetry.ingest import pipeline
 from telemetry.models import IngestBatch
 
@@ -74,3 +75,18 @@ def prune() -> dict[str, int]:
         extra={"runs_deleted": {slug: n for slug, n in deleted.items() if n}},
     )
     return deleted
+
+
+@shared_task(ignore_result=True)
+def evaluate_alerts() -> int:
+    """One evaluation round of every alert rule (beat, every 30 s)."""
+    result = evaluation.run_round()
+    return len(result.messages) if result is not None else 0
+
+
+@shared_task(bind=True, ignore_result=True, max_retries=delivery.RETRIES)
+def deliver_alert(self, channel_id: int, rule_id: int | None, body: dict) -> None:
+    """One message to one channel; timeouts, 5xx and 429 are retried with backoff."""
+    attempt = self.request.retries
+    if delivery.deliver(channel_id, rule_id, body, attempt, last=attempt >= delivery.RETRIES):
+        raise self.retry(countdown=delivery.backoff(attempt))

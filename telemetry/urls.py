@@ -1,11 +1,12 @@
 from django.urls import path
 
-from telemetry import health, trace_views, views
+from telemetry import alert_views, health, trace_views, views
 
 app_name = "telemetry"
 
 urlpatterns = [
     path("status", health.status_page, name="status"),
+    path("alerts", alert_views.alerts, name="alerts"),
     path("errors", views.errors_list, name="errors"),
     path("errors/<int:group_id>", views.error_detail, name="error_detail"),
     path("errors/<int:group_id>/status", views.error_status, name="error_status"),

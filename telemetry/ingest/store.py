@@ -153,3 +153,32 @@ def _count_events(project: Project, records: list[Record]) -> None:
                 [minutes[k][1] for k in keys],
             ],
         )
+        if any(minutes[k][1] for k in keys):
+            _count_slug_errors(cursor, project, records)
+
+
+_COUNT_SLUG_ERRORS = """
+INSERT INTO telemetry_slugerrorcount (project_id, slug, minute, errors)
+SELECT %s, s, to_timestamp(m * 60), n
+FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS t(s, m, n)
+ORDER BY s, m
+ON CONFLICT (project_id, slug, minute) DO UPDATE
+SET errors = telemetry_slugerrorcount.errors + excluded.errors
+"""
+
+
+def _count_slug_errors(cursor, project: Project, records: list[Record]) -> None:
+    """Error-level events per slug and minute (SlugErrorCount), for alerts scoped to one
+    slug (docs/alerts.md). Only batches holding errors pay for it."""
+    counts: dict[tuple[str, int], int] = {}
+    for rec in records:
+        if rec.level == "error":
+            # The run's slug, which rules name (a record may leave its own empty).
+            slug = rec.run.slug if rec.run is not None and rec.run.slug else rec.slug
+            key = (slug[:200], int(rec.ts.timestamp()) // 60)
+            counts[key] = counts.get(key, 0) + 1
+    keys = sorted(counts)
+    cursor.execute(
+        _COUNT_SLUG_ERRORS,
+        [project.pk, [k[0] for k in keys], [k[1] for k in keys], [counts[k] for k in keys]],
+    )
