@@ -16,7 +16,7 @@ from pydantic import field_validator
 from portal.api import project_auth, read_auth
 from portal.db import safe_text
 from portal.http import BodyError, read_body
-from runs import work_context
+from runs import search, work_context
 from runs.models import (
     LEVELS,
     Artifact,
@@ -164,6 +164,72 @@ def list_runs(request: HttpRequest, filters: Query[RunFilters]):
 @router.get("/runs/{run_id}", auth=read_auth, summary="One run with counters and lineage")
 def run_detail(request: HttpRequest, run_id: str):
     return run_json(get_run(request, run_id), detail=True)
+
+
+class SearchFilters(Schema):
+    q: str = Field(
+        ...,
+        min_length=1,
+        max_length=search.MAX_QUERY,
+        description="text to find in event names, messages and data (case-insensitive)",
+    )
+    project: str = Field("", description="project slug (operators only)")
+    slug: str = ""
+    level: str = Field("", pattern="^(|debug|info|warn|error)$", description="minimum level")
+    event: str = Field("", max_length=200, description="event name prefix, e.g. `llm.`")
+    since: datetime | None = Field(None, description="default: 24 hours before `until`")
+    until: datetime | None = Field(None, description="default: now")
+    cursor: str = Field("", max_length=64, description="next_cursor of the previous page")
+    limit: int = Field(50, ge=1, le=500)
+
+
+class SearchHit(Schema):
+    project: str
+    run_id: str
+    slug: str
+    seq: int
+    ts: datetime
+    level: str
+    event: str
+    phase: str
+    message: str = Field(description=f"the first {search.MESSAGE_PREVIEW} characters")
+    url: str = Field(description="the run's timeline at this event, on the portal")
+
+
+class SearchPage(Schema):
+    items: list[SearchHit]
+    next_cursor: str | None
+
+
+@router.get(
+    "/events/search",
+    auth=read_auth,
+    summary="Find events across runs, newest first",
+    response={200: SearchPage, 400: dict},
+)
+def search_events(request: HttpRequest, f: Query[SearchFilters]):
+    if isinstance(request.auth, Project):
+        projects = [request.auth.pk]
+    elif f.project:
+        projects = list(Project.objects.filter(slug=f.project).values_list("pk", flat=True))
+    else:
+        projects = None
+    wanted = search.Search(
+        q=f.q,
+        project_ids=projects,
+        slug=f.slug,
+        level=f.level,
+        event=f.event,
+        since=f.since,
+        until=f.until,
+        cursor=f.cursor,
+        limit=f.limit,
+    )
+    try:
+        items, next_cursor = search.search(wanted)
+    except search.SearchError as exc:
+        raise HttpError(400, str(exc)) from None
+    return {"items": items, "next_cursor": next_cursor}
 
 
 class EventFilters(Schema):

@@ -9,6 +9,7 @@ app_name = "runs"
 urlpatterns = [
     path("", views.run_list, name="list"),
     path("compare/", views.compare, name="compare"),
+    path("search", views.search_events, name="search"),
     # Not under /metrics: that path is the Prometheus exposition.
     path("insights", views.metrics_dashboard, name="insights"),
     path("run-metrics/<int:pk>", views.run_metrics, name="run_metrics"),

@@ -23,7 +23,7 @@ from django.utils.http import content_disposition_header
 from django.utils.text import slugify
 
 from portal.pages import page
-from runs import charts, insights, work_context
+from runs import charts, insights, search, work_context
 from runs.diffs import diff_texts
 from runs.models import LEVELS, Artifact, Event, Project, Run
 
@@ -459,3 +459,55 @@ def run_metrics(request: HttpRequest, pk: int) -> HttpResponse:
     response = render(request, "runs/detail.html#metrics-panel", context, status=status)
     patch_vary_headers(response, ("HX-Request",))
     return response
+
+
+# --- Search across runs --------------------------------------------------------------
+
+
+class SearchForm(forms.Form):
+    q = forms.CharField(required=False, max_length=search.MAX_QUERY, label="Find")
+    project = forms.ChoiceField(required=False)
+    slug = forms.CharField(required=False, max_length=100)
+    level = forms.ChoiceField(
+        required=False,
+        choices=[("", "any level"), *((lv, f"{lv} and above") for lv in LEVELS[1:])],
+        label="Level",
+    )
+    event = forms.CharField(required=False, max_length=200, label="Event prefix")
+    since = forms.DateTimeField(required=False, label="From (UTC)")
+    until = forms.DateTimeField(required=False, label="To (UTC)")
+
+    def __init__(self, data, projects: list[tuple[str, str]]):
+        super().__init__(data)
+        self.fields["project"].choices = [("", "all projects"), *projects]
+        for name in ("since", "until"):
+            self.fields[name].widget = forms.DateTimeInput(attrs={"type": "datetime-local"})
+        self.fields["q"].widget.attrs.update({"autofocus": True, "type": "search"})
+        self.fields["event"].widget.attrs["placeholder"] = "llm."
+
+
+@login_required
+def search_events(request: HttpRequest) -> HttpResponse:
+    projects = list(Project.objects.order_by("name").values_list("slug", "name"))
+    form = SearchForm(request.GET, projects)
+    context: dict = {"form": form, "searched": False, "hits": [], "next_cursor": None}
+    if form.is_valid() and form.cleaned_data["q"].strip():
+        data = form.cleaned_data
+        project = Project.objects.filter(slug=data["project"]).first() if data["project"] else None
+        wanted = search.Search(
+            q=data["q"],
+            project_ids=[project.pk] if project else None,
+            slug=data["slug"],
+            level=data["level"],
+            event=data["event"],
+            since=data["since"],
+            until=data["until"],
+            cursor=request.GET.get("cursor", "")[:64],
+        )
+        try:
+            context["hits"], context["next_cursor"] = search.search(wanted)
+            context["searched"] = True
+            context["window"] = wanted.window()
+        except search.SearchError as exc:
+            context["problem"] = str(exc)
+    return page(request, "runs/search.html", context, {"results": "results"})
