@@ -11,7 +11,7 @@ from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpRespons
 from django.utils.http import content_disposition_header
 from ninja import Field, Query, Router, Schema, Status
 from ninja.errors import HttpError
-from pydantic import field_validator
+from pydantic import BaseModel, field_validator, model_validator
 
 from portal.api import project_auth, read_auth
 from portal.db import safe_text
@@ -85,10 +85,19 @@ def run_json(run: Run, detail: bool = False) -> dict:
     return out
 
 
-class HeartbeatIn(Schema):
+class HeartbeatIn(BaseModel):
     phase: str = Field("", max_length=64)
     pid: int | None = Field(None, ge=0, lt=2**31)
     host: str = Field("", max_length=255)
+
+    @model_validator(mode="before")
+    @classmethod
+    def an_object(cls, value: object) -> object:
+        # A plain pydantic model, not a ninja Schema: a Schema reads the attributes of
+        # any object, so `[false]` or `"str"` passed as a heartbeat of defaults.
+        if not isinstance(value, dict):
+            raise ValueError("the body must be a JSON object")
+        return value
 
     @field_validator("phase", "host")
     @classmethod
@@ -104,6 +113,8 @@ def heartbeat(request: HttpRequest, run_id: str, payload: HeartbeatIn | None = N
     """A sign of life from a running agent. Creates the run if its events are still in flight."""
     if not 0 < len(run_id) <= 128:
         raise HttpError(400, "run_id: 1 to 128 characters")
+    if payload is None and request.body.strip():
+        raise HttpError(400, "the body must be a JSON object")  # `null`: no body is fine
     payload = payload or HeartbeatIn()
     run, _ = Run.objects.get_or_create(project=request.auth, run_id=run_id)
     run.heartbeat(payload.phase, payload.pid, payload.host)

@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from runs.models import Run
+from telemetry import ratelimit
 
 SETTLE_AFTER = timedelta(minutes=5)
 # Batch processing latency (received -> stored), seconds.
@@ -298,8 +299,10 @@ registry.register(RunlensCollector())
 
 
 def _loopback(request: HttpRequest) -> bool:
+    # The client as the rate limiter sees it: behind a reverse proxy on this host
+    # (TRUSTED_PROXY_COUNT), REMOTE_ADDR is loopback for every client.
     try:
-        return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
+        return ipaddress.ip_address(ratelimit.client_ip(request)).is_loopback
     except ValueError:
         return False
 
