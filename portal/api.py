@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer, django_auth
 
+from portal.http import BodyError
 from runs.models import Project
 from telemetry import ratelimit
 
@@ -210,6 +213,18 @@ def rate_limited(request, exc):
     for name, value in verdict.headers().items():
         response[name] = value
     return response
+
+
+@api.exception_handler(BodyError)
+def body_refused(request, exc):
+    # A chunked body past DATA_UPLOAD_MAX_MEMORY_SIZE or malformed, read by request.body.
+    return api.create_response(request, {"detail": exc.message}, status=exc.status)
+
+
+@api.exception_handler(RequestDataTooBig)
+def too_big(request, exc):
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return api.create_response(request, {"detail": f"body larger than {limit} bytes"}, status=413)
 
 
 @api.exception_handler(HttpError)
