@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.openapi.docs import DocsBase
 from ninja.security import HttpBearer, django_auth
 
-from portal.http import BodyError
+from portal.http import BodyError, allow_methods
 from runs.models import Project
 from telemetry import ratelimit
 
@@ -177,11 +179,22 @@ class RunlensAPI(NinjaAPI):
         return schema
 
 
+class StaticSwagger(DocsBase):
+    """/api/docs: Swagger UI served from static/ (vendored from npm's swagger-ui-dist,
+    static/vendor/swagger-ui-5.35.0), started by a script file: ninja's own page loads
+    it from a CDN with an inline script, both blocked by our Content-Security-Policy."""
+
+    def render_page(self, request: HttpRequest, api: NinjaAPI, **kwargs) -> HttpResponse:
+        return render(request, "portal/api_docs.html")
+
+
 api = RunlensAPI(
     title="Runlens API",
     version="1",
     description="Ingest run traces from AI coding agents and read them back.",
     urls_namespace="api",
+    docs=StaticSwagger(),
+    docs_decorator=allow_methods("GET"),
 )
 
 

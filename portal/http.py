@@ -13,6 +13,7 @@ refused with 411 otherwise. Django alone reads a body without Content-Length as 
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import zlib
@@ -20,6 +21,7 @@ import zlib
 import brotli
 import zstandard
 from django.core.exceptions import BadRequest, RequestDataTooBig
+from django.http import JsonResponse
 from isal import isal_zlib
 
 CHUNK = 64 * 1024
@@ -30,6 +32,32 @@ ENCODINGS = "gzip, deflate, br or zstd"
 # DRAIN_SECONDS, the answer says `Connection: close` instead.
 DRAIN_BYTES = 1024 * 1024
 DRAIN_SECONDS = 2.0
+
+
+def allow_methods(*methods: str):
+    """A plain view answers these methods only (GET brings HEAD); anything else, TRACE
+    included, gets 405 with `Allow` and a JSON body. Checked before the login."""
+    allowed = [*methods, *(["HEAD"] if "GET" in methods and "HEAD" not in methods else [])]
+
+    def decorate(view):
+        @functools.wraps(view)
+        def checked(request, *args, **kwargs):
+            if request.method not in allowed:
+                return method_not_allowed(request.method, allowed)
+            return view(request, *args, **kwargs)
+
+        checked.allowed_methods = allowed
+        return checked
+
+    return decorate
+
+
+def method_not_allowed(method: str, allowed: list[str]) -> JsonResponse:
+    response = JsonResponse(
+        {"detail": f"method {method} not allowed here: use {', '.join(allowed)}"}, status=405
+    )
+    response["Allow"] = ", ".join(allowed)
+    return response
 
 
 class BodyError(Exception):

@@ -110,6 +110,23 @@ class RequestIdMiddleware:
         return settings.LOG_REQUESTS
 
 
+class JsonMethodNotAllowedMiddleware:
+    """A 405 from Django, ninja or whitenoise (HTML or empty, with `Allow`) gets the JSON
+    body every other refusal has; its `Allow` is kept."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        if response.status_code != 405 or response.get("Content-Type", "").startswith(
+            "application/json"
+        ):
+            return response
+        allowed = [m.strip() for m in response.get("Allow", "").split(",") if m.strip()]
+        return http.method_not_allowed(request.method, allowed)
+
+
 class RefuseNulInUrlMiddleware:
     """A NUL character in the path or the query string gets a 400 naming it.
 

@@ -43,6 +43,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from portal.http import allow_methods
 from runs.models import Run
 from telemetry import ratelimit
 
@@ -326,10 +327,9 @@ def wants_openmetrics(request: HttpRequest) -> bool:
     return "application/openmetrics-text" in request.headers.get("Accept", "")
 
 
+@allow_methods("GET")
 @never_cache
 def metrics(request: HttpRequest) -> HttpResponse:
-    if request.method not in ("GET", "HEAD"):
-        return JsonResponse({"detail": "method not allowed: use GET"}, status=405)
     if not allowed(request):
         response = JsonResponse(
             {"detail": "authentication required: send Authorization: Bearer <METRICS_TOKEN>"},
