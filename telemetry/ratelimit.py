@@ -26,6 +26,10 @@ from django.http import HttpRequest
 
 WINDOW_SECONDS = 60
 SLOT_SECONDS = 5
+# Keys of this prefix count over longer windows (portal/login.py: failed sign-ins over
+# 15 minutes); purge keeps them that long.
+LONG_PREFIX = "login:"
+LONG_WINDOW_SECONDS = 15 * 60
 
 
 @dataclass(frozen=True)
@@ -57,15 +61,17 @@ class RateLimited(Exception):
 class _Window:
     now: float
     slot: int  # epoch seconds the current slot starts at
-    oldest: int  # the oldest slot that overlaps the last WINDOW_SECONDS
+    oldest: int  # the oldest slot that overlaps the last `seconds`
+    seconds: int = WINDOW_SECONDS
 
     @classmethod
-    def at(cls, now: float | None) -> _Window:
+    def at(cls, now: float | None, seconds: int = WINDOW_SECONDS) -> _Window:
         now = time.time() if now is None else now
         return cls(
             now=now,
             slot=int(now // SLOT_SECONDS) * SLOT_SECONDS,
-            oldest=int((now - WINDOW_SECONDS) // SLOT_SECONDS) * SLOT_SECONDS,
+            oldest=int((now - seconds) // SLOT_SECONDS) * SLOT_SECONDS,
+            seconds=seconds,
         )
 
     def params(self, key: str, limit: int | None = None) -> dict:
@@ -113,11 +119,14 @@ WHERE key = %(key)s AND window_start >= %(oldest)s ORDER BY window_start
 """
 
 
-def hit(key: str, limit: int, now: float | None = None) -> Verdict | None:
-    """Count one request against `key`. None when `limit` is 0 (unlimited)."""
+def hit(
+    key: str, limit: int, now: float | None = None, seconds: int = WINDOW_SECONDS
+) -> Verdict | None:
+    """Count one request against `key` (at most `limit` per `seconds`). None when
+    `limit` is 0 (unlimited)."""
     if limit <= 0:
         return None
-    window = _Window.at(now)
+    window = _Window.at(now, seconds)
     params = window.params(key, limit)
     with connection.cursor() as cursor:
         cursor.execute(_HIT_SQL, params)
@@ -146,6 +155,24 @@ def hit_project(project_id: int, now: float | None = None) -> Verdict | None:
     return Verdict(True, limit, max(0, limit - total), 0)
 
 
+def peek(key: str, limit: int, now: float | None = None, seconds: int = WINDOW_SECONDS) -> Verdict:
+    """Whether one more request of `key` would be let through, counting nothing."""
+    window = _Window.at(now, seconds)
+    params = window.params(key, limit)
+    with connection.cursor() as cursor:
+        cursor.execute(_SLOTS_SQL, params)
+        total = sum(hits for _, hits in cursor.fetchall())
+    if total < limit:
+        return Verdict(True, limit, limit - total, 0)
+    return _refused(params, limit, window)
+
+
+def forget(key: str) -> None:
+    """Drop every count of `key` (a sign-in succeeded: its failures are forgiven)."""
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM telemetry_ratecounter WHERE key = %s", [key[:200]])
+
+
 def _refused(params: dict, limit: int, window: _Window) -> Verdict:
     """A refusal, with the wait until enough of the oldest slots leave the window."""
     with connection.cursor() as cursor:
@@ -154,8 +181,8 @@ def _refused(params: dict, limit: int, window: _Window) -> Verdict:
     total = sum(hits for _, hits in slots)
     free_at = window.now + SLOT_SECONDS
     for start, hits in slots:
-        # A slot leaves the window once its end is WINDOW_SECONDS in the past.
-        free_at = start + SLOT_SECONDS + WINDOW_SECONDS
+        # A slot leaves the window once its end is `seconds` in the past.
+        free_at = start + SLOT_SECONDS + window.seconds
         total -= hits
         if total < limit:
             break
