@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
-from ninja import NinjaAPI
+from ninja import NinjaAPI, Schema
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.openapi.docs import DocsBase
 from ninja.security import HttpBearer, django_auth
 
+from portal import openapi
 from portal.http import BodyError, allow_methods
 from runs.models import Project
 from telemetry import ratelimit
@@ -113,6 +116,7 @@ def _sentry_path(endpoint: str, body: str) -> dict:
                 "400": {"description": f"malformed envelope or event: {answer}"},
                 "401": {"description": f"no key: {answer}"},
                 "403": {"description": f"a key, project or origin that does not match: {answer}"},
+                "404": {"description": "a project id that is not 1 to 18 digits: no such URL"},
                 "413": {"description": f"larger than SENTRY_MAX_BYTES once decompressed: {answer}"},
                 "415": {"description": "unknown Content-Encoding"},
                 "429": {
@@ -172,11 +176,17 @@ PLAIN_PATHS = {
 }
 
 
+class DetailOut(Schema):
+    """Every refusal of the API (portal/openapi.py: `Detail`)."""
+
+    detail: str
+
+
 class RunlensAPI(NinjaAPI):
     def get_openapi_schema(self, *, path_prefix=None, path_params=None):
         schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
-        schema["paths"].update(PLAIN_PATHS)
-        return schema
+        schema["paths"].update(copy.deepcopy(PLAIN_PATHS))
+        return openapi.complete(schema, set(PLAIN_PATHS))
 
 
 class StaticSwagger(DocsBase):
@@ -209,7 +219,18 @@ def unauthorized(request, exc):
 
 @api.exception_handler(ValidationError)
 def invalid(request, exc):
-    return api.create_response(request, {"detail": exc.errors}, status=400)
+    # The one shape of a 400: `detail` a sentence, and here each problem in `errors`.
+    problems = "; ".join(_problem(error) for error in exc.errors[:5])
+    return api.create_response(
+        request, {"detail": problems or "invalid request", "errors": exc.errors}, status=400
+    )
+
+
+def _problem(error: dict) -> str:
+    # ("query", "limit") -> "limit"; ("body", "payload", "pid") -> "pid".
+    where = [str(part) for part in error.get("loc", ()) if part not in ("query", "path", "body")]
+    where = [part for part in where if part not in ("payload", "q")] or where
+    return f"{'.'.join(where) or 'request'}: {error.get('msg', 'invalid')}"
 
 
 @api.exception_handler(ratelimit.RateLimited)
