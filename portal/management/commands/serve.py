@@ -18,7 +18,8 @@ from django.core.management.base import BaseCommand
 
 
 def web_command(port: int, workers: int, threads: int = 4) -> list[str]:
-    """gunicorn as `serve` runs it (tests/test_http_framing.py runs the same)."""
+    """gunicorn as `serve` runs it (tests/test_http_framing.py runs the same). Its
+    config module's hook lets an early answer close the connection (docs/http.md)."""
     return [
         sys.executable,
         "-m",
