@@ -79,19 +79,23 @@ class _Window:
 
 
 # Counts the request in the current slot only while the window holds fewer than
-# the limit, and answers the window's total with it. The earlier slots are read in
-# the statement's snapshot; they no longer change, and the current slot's row,
-# locked by the upsert, serialises the requests that compete for the last place.
+# the limit; one row back always: the window's total once counted (NULL when
+# refused or unlimited) and the limit. The earlier slots are read in the
+# statement's snapshot; they no longer change, and the current slot's row, locked
+# by the upsert, serialises the requests that compete for the last place.
 _COUNT = """
 earlier AS (
     SELECT COALESCE(SUM(hits), 0) AS n FROM telemetry_ratecounter
     WHERE key = %(key)s AND window_start >= %(oldest)s AND window_start < %(slot)s
+),
+counted AS (
+    INSERT INTO telemetry_ratecounter AS c (key, window_start, hits)
+    SELECT %(key)s, %(slot)s, 1 FROM earlier, lim WHERE lim.n > 0 AND earlier.n < lim.n
+    ON CONFLICT (key, window_start) DO UPDATE SET hits = c.hits + 1
+    WHERE c.hits + (SELECT n FROM earlier) < (SELECT n FROM lim)
+    RETURNING c.hits + (SELECT n FROM earlier) AS total
 )
-INSERT INTO telemetry_ratecounter AS c (key, window_start, hits)
-SELECT %(key)s, %(slot)s, 1 FROM earlier, lim WHERE lim.n > 0 AND earlier.n < lim.n
-ON CONFLICT (key, window_start) DO UPDATE SET hits = c.hits + 1
-WHERE c.hits + (SELECT n FROM earlier) < (SELECT n FROM lim)
-RETURNING c.hits + (SELECT n FROM earlier), (SELECT n FROM lim)
+SELECT (SELECT total FROM counted), (SELECT n FROM lim)
 """
 _HIT_SQL = "WITH lim AS (SELECT %(limit)s::integer AS n), " + _COUNT
 
@@ -106,12 +110,6 @@ _PROJECT_HIT_SQL = (
 ), """
     + _COUNT
 )
-
-_PROJECT_LIMIT_SQL = """
-SELECT COALESCE(
-    (SELECT ingest_per_minute FROM telemetry_projectlimits WHERE project_id = %s), %s
-)
-"""
 
 _SLOTS_SQL = """
 SELECT window_start, hits FROM telemetry_ratecounter
@@ -130,10 +128,10 @@ def hit(
     params = window.params(key, limit)
     with connection.cursor() as cursor:
         cursor.execute(_HIT_SQL, params)
-        row = cursor.fetchone()
-    if row is None:
+        total, _ = cursor.fetchone()
+    if total is None:
         return _refused(params, limit, window)
-    return Verdict(True, limit, max(0, limit - row[0]), 0)
+    return Verdict(True, limit, max(0, limit - total), 0)
 
 
 def hit_project(project_id: int, now: float | None = None) -> Verdict | None:
@@ -143,15 +141,11 @@ def hit_project(project_id: int, now: float | None = None) -> Verdict | None:
     params["project"] = project_id
     with connection.cursor() as cursor:
         cursor.execute(_PROJECT_HIT_SQL, params)
-        row = cursor.fetchone()
-        if row is None:
-            # Refused, or unlimited: only the refusal pays for this second query.
-            cursor.execute(_PROJECT_LIMIT_SQL, [project_id, settings.INGEST_RATE_PER_MINUTE])
-            (limit,) = cursor.fetchone()
-            if limit <= 0:
-                return None
-            return _refused(params, limit, window)
-    total, limit = row
+        total, limit = cursor.fetchone()
+    if limit <= 0:
+        return None
+    if total is None:
+        return _refused(params, limit, window)
     return Verdict(True, limit, max(0, limit - total), 0)
 
 
