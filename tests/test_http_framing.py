@@ -21,8 +21,9 @@ import pytest
 
 from portal.management.commands.serve import web_command
 from runs.models import Artifact, Project, Run
-from telemetry.models import IngestBatch
+from telemetry.models import ErrorReport, IngestBatch
 from tests.conftest import ndjson, record
+from tests.test_sentry_receiver import envelope
 from tests.test_worker import ROOT, database_url, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -226,6 +227,27 @@ def test_a_chunked_heartbeat_body_is_read(conn, auth, project):
     answer = conn.send("POST", "/api/runs/r1/heartbeat", pieces(body, 8), auth)
     assert answer.status == 200, answer.body
     assert Run.objects.values_list("phase", "pid").get() == ("WORKING", 42)
+
+
+def test_a_chunked_sentry_envelope_is_spooled(conn, project):
+    sent = {"event_id": "a" * 32, "message": "boom", "level": "error"}
+    body = envelope(({"type": "event"}, sent), header={"event_id": sent["event_id"]})
+    headers = {
+        "Content-Type": "application/x-sentry-envelope",
+        "X-Sentry-Auth": f"Sentry sentry_version=7, sentry_key={project.public_key}",
+    }
+    answer = conn.send("POST", f"/api/{project.pk}/envelope/", pieces(body, 20), headers)
+    assert answer.status == 200, answer.body
+    assert answer.json() == {"id": sent["event_id"]}
+    assert IngestBatch.objects.get().read_body() == body
+
+
+def test_a_chunked_beacon_is_stored(conn, project):
+    body = json.dumps({"message": "boom", "context": {"url": "https://a.example/"}}).encode()
+    path = f"/api/frontend-log?key={project.public_key}"
+    answer = conn.send("POST", path, pieces(body, 9), {"Content-Type": "text/plain"})
+    assert answer.status == 202, answer.body
+    assert ErrorReport.objects.get().message == "boom"
 
 
 def test_a_chunked_body_past_the_limit_is_a_413(conn, auth, project, settings):
