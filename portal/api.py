@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from django.http import HttpRequest
-from ninja import NinjaAPI
+import copy
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from ninja import NinjaAPI, Schema
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.openapi.docs import DocsBase
 from ninja.security import HttpBearer, django_auth
 
+from portal import openapi
+from portal.http import BodyError, allow_methods
 from runs.models import Project
 from telemetry import ratelimit
 
@@ -108,6 +116,7 @@ def _sentry_path(endpoint: str, body: str) -> dict:
                 "400": {"description": f"malformed envelope or event: {answer}"},
                 "401": {"description": f"no key: {answer}"},
                 "403": {"description": f"a key, project or origin that does not match: {answer}"},
+                "404": {"description": "a project id that is not 1 to 18 digits: no such URL"},
                 "413": {"description": f"larger than SENTRY_MAX_BYTES once decompressed: {answer}"},
                 "415": {"description": "unknown Content-Encoding"},
                 "429": {
@@ -167,11 +176,26 @@ PLAIN_PATHS = {
 }
 
 
+class DetailOut(Schema):
+    """Every refusal of the API (portal/openapi.py: `Detail`)."""
+
+    detail: str
+
+
 class RunlensAPI(NinjaAPI):
     def get_openapi_schema(self, *, path_prefix=None, path_params=None):
         schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
-        schema["paths"].update(PLAIN_PATHS)
-        return schema
+        schema["paths"].update(copy.deepcopy(PLAIN_PATHS))
+        return openapi.complete(schema, set(PLAIN_PATHS))
+
+
+class StaticSwagger(DocsBase):
+    """/api/docs: Swagger UI served from static/ (vendored from npm's swagger-ui-dist,
+    static/vendor/swagger-ui-5.35.0), started by a script file: ninja's own page loads
+    it from a CDN with an inline script, both blocked by our Content-Security-Policy."""
+
+    def render_page(self, request: HttpRequest, api: NinjaAPI, **kwargs) -> HttpResponse:
+        return render(request, "portal/api_docs.html")
 
 
 api = RunlensAPI(
@@ -179,6 +203,8 @@ api = RunlensAPI(
     version="1",
     description="Ingest run traces from AI coding agents and read them back.",
     urls_namespace="api",
+    docs=StaticSwagger(),
+    docs_decorator=allow_methods("GET"),
 )
 
 
@@ -193,7 +219,18 @@ def unauthorized(request, exc):
 
 @api.exception_handler(ValidationError)
 def invalid(request, exc):
-    return api.create_response(request, {"detail": exc.errors}, status=400)
+    # The one shape of a 400: `detail` a sentence, and here each problem in `errors`.
+    problems = "; ".join(_problem(error) for error in exc.errors[:5])
+    return api.create_response(
+        request, {"detail": problems or "invalid request", "errors": exc.errors}, status=400
+    )
+
+
+def _problem(error: dict) -> str:
+    # ("query", "limit") -> "limit"; ("body", "payload", "pid") -> "pid".
+    where = [str(part) for part in error.get("loc", ()) if part not in ("query", "path", "body")]
+    where = [part for part in where if part not in ("payload", "q")] or where
+    return f"{'.'.join(where) or 'request'}: {error.get('msg', 'invalid')}"
 
 
 @api.exception_handler(ratelimit.RateLimited)
@@ -210,6 +247,18 @@ def rate_limited(request, exc):
     for name, value in verdict.headers().items():
         response[name] = value
     return response
+
+
+@api.exception_handler(BodyError)
+def body_refused(request, exc):
+    # A chunked body past DATA_UPLOAD_MAX_MEMORY_SIZE or malformed, read by request.body.
+    return api.create_response(request, {"detail": exc.message}, status=exc.status)
+
+
+@api.exception_handler(RequestDataTooBig)
+def too_big(request, exc):
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return api.create_response(request, {"detail": f"body larger than {limit} bytes"}, status=413)
 
 
 @api.exception_handler(HttpError)

@@ -1,21 +1,63 @@
-"""Request bodies: read within a limit, decompressed while streaming.
+"""Request bodies: framed as the server hands them over, read within a limit,
+decompressed while streaming.
 
 Shared by every endpoint that takes a body (ingest receivers, artifacts, heartbeats).
 Content-Encoding gzip, deflate, br and zstd are read; an empty value, `identity` or
 `UTF-8` (sent by some Sentry SDKs) mean none.
+
+Framing (`RequestInput`, installed by portal.middleware.RequestBodyMiddleware): a body
+with Content-Length is read to that length; a chunked body is read to its end when
+the server decodes it and says so (`wsgi.input_terminated`, as gunicorn does), and is
+refused with 411 otherwise. Django alone reads a body without Content-Length as empty.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+import time
 import zlib
 
 import brotli
 import zstandard
+from django.core.exceptions import BadRequest, RequestDataTooBig
+from django.http import JsonResponse
 from isal import isal_zlib
 
 CHUNK = 64 * 1024
 NO_ENCODING = {"", "identity", "utf-8", "utf8"}
 ENCODINGS = "gzip, deflate, br or zstd"
+# What is read and thrown away of a body left unread by an early answer (401, 413,
+# 415, 429), so that the connection can serve the next request; past this, or past
+# DRAIN_SECONDS, the answer says `Connection: close` instead.
+DRAIN_BYTES = 1024 * 1024
+DRAIN_SECONDS = 2.0
+
+
+def allow_methods(*methods: str):
+    """A plain view answers these methods only (GET brings HEAD); anything else, TRACE
+    included, gets 405 with `Allow` and a JSON body. Checked before the login."""
+    allowed = [*methods, *(["HEAD"] if "GET" in methods and "HEAD" not in methods else [])]
+
+    def decorate(view):
+        @functools.wraps(view)
+        def checked(request, *args, **kwargs):
+            if request.method not in allowed:
+                return method_not_allowed(request.method, allowed)
+            return view(request, *args, **kwargs)
+
+        checked.allowed_methods = allowed
+        return checked
+
+    return decorate
+
+
+def method_not_allowed(method: str, allowed: list[str]) -> JsonResponse:
+    response = JsonResponse(
+        {"detail": f"method {method} not allowed here: use {', '.join(allowed)}"}, status=405
+    )
+    response["Allow"] = ", ".join(allowed)
+    return response
 
 
 class BodyError(Exception):
@@ -25,6 +67,103 @@ class BodyError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class BodyTooLarge(BodyError, RequestDataTooBig):
+    """A chunked body past its limit: 413 from our handlers, 400 from Django's."""
+
+
+class MalformedBody(BodyError, BadRequest):
+    """A chunked body the server could not decode (bad chunk sizes, a cut stream)."""
+
+
+class RequestInput:
+    """The request body as the server frames it, for `request.read()`.
+
+    `length` is the Content-Length, or None for a body that ends at EOF (chunked,
+    decoded by the server). Such a body is held to `limit`; `read_body` lifts the
+    limit to enforce its own, every other reader (request.body: JSON endpoints,
+    forms) keeps Django's DATA_UPLOAD_MAX_MEMORY_SIZE.
+    """
+
+    def __init__(self, stream, length: int | None, limit: int | None):
+        self._stream = stream
+        self.length = length
+        self.limit = limit
+        self.consumed = 0
+        self.ended = length == 0
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if size is None or size < 0:
+            parts = []
+            while part := self.read(CHUNK):
+                parts.append(part)
+            return b"".join(parts)
+        return self._take(lambda n: self._stream.read(n), size)
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        return self._take(
+            lambda n: self._stream.readline(n), CHUNK if not size or size < 0 else size
+        )
+
+    def _take(self, reader, size: int) -> bytes:
+        if self.ended or size == 0:
+            return b""
+        if self.length is not None:
+            size = min(size, self.length - self.consumed)
+        try:
+            data = reader(size)
+        except OSError:
+            raise
+        except Exception as exc:  # gunicorn's chunk parser: InvalidChunkSize and kin
+            self.ended = True
+            raise MalformedBody(400, f"malformed chunked body: {type(exc).__name__}") from None
+        self.consumed += len(data)
+        if not data or (self.length is not None and self.consumed >= self.length):
+            self.ended = True
+        if self.limit is not None and self.consumed > self.limit:
+            raise BodyTooLarge(413, f"body larger than {self.limit} bytes")
+        return data
+
+    def close(self) -> None:
+        """Django closes the stream once request.body has it all; the server owns the socket."""
+
+    def drain(self, budget: int = DRAIN_BYTES, seconds: float = DRAIN_SECONDS) -> bool:
+        """Read and discard what is left, up to `budget` bytes. True when the body ended."""
+        if self.length is not None and self.length - self.consumed > budget:
+            return False  # not worth reading: the connection closes instead
+        self.limit = None
+        deadline = time.monotonic() + seconds
+        try:
+            while not self.ended and budget > 0 and time.monotonic() < deadline:
+                budget -= len(self.read(min(CHUNK, budget)))
+        except (OSError, BodyError):
+            return False
+        return self.ended
+
+
+def lift_limit(stream) -> None:
+    """A reader that enforces its own limit (read_body) takes over from RequestInput's."""
+    body = getattr(stream, "_stream", None)
+    if isinstance(body, RequestInput):
+        body.limit = None
+
+
+# The server's request object, where the server lets us mark its connection for
+# closing (gunicorn, through portal.gunicorn_conf's pre_request hook). A WSGI
+# application may not send `Connection` itself (PEP 3333: hop-by-hop headers).
+_server = threading.local()
+
+
+def remember_server_request(request) -> None:
+    _server.request = request
+
+
+def close_connection() -> None:
+    """Ask the server to answer `Connection: close` and close after this answer."""
+    request = getattr(_server, "request", None)
+    if request is not None and hasattr(request, "force_close"):
+        request.force_close()
 
 
 def read_body(stream, encoding: str, limit: int, raw: list[bytes] | None = None) -> bytes:
@@ -37,6 +176,7 @@ def read_body(stream, encoding: str, limit: int, raw: list[bytes] | None = None)
     """
     encoding = (encoding or "").strip().lower()
     decoder = _decoder(encoding)
+    lift_limit(stream)
     out = bytearray()
     raw_seen = 0
     while True:

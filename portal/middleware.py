@@ -1,4 +1,5 @@
-"""Request ids, request log lines, NUL characters in URLs and the Content Security Policy."""
+"""Request bodies, request ids, request log lines, NUL characters in URLs and the
+Content Security Policy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from django.conf import settings
 from django.http import JsonResponse
 
+from portal import http
 from portal.logging import request_id_var
 from runs.ids import uuid7
 
@@ -19,6 +21,49 @@ request_logger = logging.getLogger("runlens.request")
 
 def is_health_path(path: str) -> bool:
     return path == "/health" or path.startswith("/health/")
+
+
+class RequestBodyMiddleware:
+    """Frames every request body and leaves the connection fit for the next request.
+
+    Before the view: the body is read to its Content-Length, or, chunked, to its end
+    when the server decoded it (gunicorn does); a server that cannot (runserver)
+    gets 411, never a body read as empty. After the view: a body it left unread (an
+    early 401, 413, 415 or 429) is drained up to DRAIN_BYTES so that the kept-alive
+    connection stays usable; beyond that the server is told to close it, so the
+    answer says `Connection: close` rather than promising a connection it drops.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        body = self._framed(request)
+        if body is None:
+            http.close_connection()
+            return JsonResponse(
+                {"detail": "this server cannot read a chunked body: send Content-Length"},
+                status=411,
+            )
+        request._stream = body
+        response = self.get_response(request)
+        if not body.drain():
+            http.close_connection()
+        return response
+
+    @staticmethod
+    def _framed(request) -> http.RequestInput | None:
+        environ = request.META
+        stream = environ["wsgi.input"]
+        if "HTTP_TRANSFER_ENCODING" in environ:
+            if not environ.get("wsgi.input_terminated"):
+                return None
+            return http.RequestInput(stream, None, settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+        try:
+            length = max(0, int(environ.get("CONTENT_LENGTH") or 0))
+        except ValueError:
+            length = 0
+        return http.RequestInput(stream, length, None)
 
 
 class RequestIdMiddleware:
@@ -63,6 +108,23 @@ class RequestIdMiddleware:
         if is_health_path(path):
             return settings.LOG_HEALTH_REQUESTS
         return settings.LOG_REQUESTS
+
+
+class JsonMethodNotAllowedMiddleware:
+    """A 405 from Django, ninja or whitenoise (HTML or empty, with `Allow`) gets the JSON
+    body every other refusal has; its `Allow` is kept."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        if response.status_code != 405 or response.get("Content-Type", "").startswith(
+            "application/json"
+        ):
+            return response
+        allowed = [m.strip() for m in response.get("Allow", "").split(",") if m.strip()]
+        return http.method_not_allowed(request.method, allowed)
 
 
 class RefuseNulInUrlMiddleware:

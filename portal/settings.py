@@ -117,6 +117,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "portal.middleware.RequestIdMiddleware",
+    "portal.middleware.RequestBodyMiddleware",
+    "portal.middleware.JsonMethodNotAllowedMiddleware",
     "portal.middleware.RefuseNulInUrlMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -242,6 +244,10 @@ WAKE_DELAY_MS = env_int("WAKE_DELAY_MS", 20, minimum=0)
 # requests per minute per client address (429 beyond; 0 = unlimited).
 FRONTEND_LOG_MAX_BYTES = env_int("FRONTEND_LOG_MAX_BYTES", 64 * 1024, minimum=1024)
 FRONTEND_LOG_RATE = env_int("FRONTEND_LOG_RATE", 30)
+# Operator sign-in: failed attempts allowed per sliding 15 minutes, for one user name
+# and from one client address; past either, sign-ins get 429 (0 = unlimited).
+LOGIN_FAILURES_PER_ACCOUNT = env_int("LOGIN_FAILURES_PER_ACCOUNT", 10)
+LOGIN_FAILURES_PER_ADDRESS = env_int("LOGIN_FAILURES_PER_ADDRESS", 30)
 # Slug of the project that beacons without ?key= go to (created on first use);
 # empty turns keyless beacons off (403).
 FRONTEND_LOG_DEFAULT_PROJECT = env_str("FRONTEND_LOG_DEFAULT_PROJECT", "portal").strip()

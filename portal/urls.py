@@ -3,10 +3,11 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
 
 from portal.api import api
+from portal.login import ThrottledLoginView
 from telemetry import health, otlp_views, prometheus, sentry_views
 
 urlpatterns = [
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("login/", ThrottledLoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     # Sentry SDKs (plain views, before the API: docs/sentry.md). Slash optional.

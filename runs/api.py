@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Annotated
 
 import orjson
 from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.utils.http import content_disposition_header
-from ninja import Field, Query, Router, Schema, Status
+from ninja import Field, Path, Query, Router, Schema, Status
 from ninja.errors import HttpError
-from pydantic import field_validator
+from pydantic import BaseModel, field_validator, model_validator
 
-from portal.api import project_auth, read_auth
+from portal.api import DetailOut, project_auth, read_auth
 from portal.db import safe_text
 from portal.http import BodyError, read_body
 from runs import search, work_context
@@ -85,10 +86,32 @@ def run_json(run: Run, detail: bool = False) -> dict:
     return out
 
 
-class HeartbeatIn(Schema):
+# Path parameters of the write endpoints, with the rules the server enforces in the schema.
+RunId = Annotated[str, Path(min_length=1, max_length=128, description="1 to 128 characters")]
+ArtifactName = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=255,
+        pattern=r"^[^/\\\x00-\x1f\x7f]+$",
+        description="one path segment: no slashes or control characters, not `.` or `..`",
+    ),
+]
+
+
+class HeartbeatIn(BaseModel):
     phase: str = Field("", max_length=64)
     pid: int | None = Field(None, ge=0, lt=2**31)
     host: str = Field("", max_length=255)
+
+    @model_validator(mode="before")
+    @classmethod
+    def an_object(cls, value: object) -> object:
+        # A plain pydantic model, not a ninja Schema: a Schema reads the attributes of
+        # any object, so `[false]` or `"str"` passed as a heartbeat of defaults.
+        if not isinstance(value, dict):
+            raise ValueError("the body must be a JSON object")
+        return value
 
     @field_validator("phase", "host")
     @classmethod
@@ -100,10 +123,10 @@ class HeartbeatIn(Schema):
 
 
 @router.post("/runs/{run_id}/heartbeat", auth=project_auth, summary="Run heartbeat")
-def heartbeat(request: HttpRequest, run_id: str, payload: HeartbeatIn | None = None):
+def heartbeat(request: HttpRequest, run_id: RunId, payload: HeartbeatIn | None = None):
     """A sign of life from a running agent. Creates the run if its events are still in flight."""
-    if not 0 < len(run_id) <= 128:
-        raise HttpError(400, "run_id: 1 to 128 characters")
+    if payload is None and request.body.strip():
+        raise HttpError(400, "the body must be a JSON object")  # `null`: no body is fine
     payload = payload or HeartbeatIn()
     run, _ = Run.objects.get_or_create(project=request.auth, run_id=run_id)
     run.heartbeat(payload.phase, payload.pid, payload.host)
@@ -328,10 +351,6 @@ class ArtifactOut(Schema):
     sha256: str
 
 
-class DetailOut(Schema):
-    detail: str
-
-
 _RAW_BODY = {
     "requestBody": {
         "required": True,
@@ -351,14 +370,12 @@ _RAW_BODY = {
     openapi_extra=_RAW_BODY,
     summary="Store a run artifact",
 )
-def put_artifact(request: HttpRequest, run_id: str, name: str):
+def put_artifact(request: HttpRequest, run_id: RunId, name: ArtifactName):
     """Store a named file of a run (`diff.patch`, `summary.md`…); a second PUT replaces it.
 
     Limited to ARTIFACT_MAX_BYTES after decompression (413). Like the heartbeat, it
     creates the run when its events are still on their way.
     """
-    if not 0 < len(run_id) <= 128:
-        raise HttpError(400, "run_id: 1 to 128 characters")
     try:
         name = clean_artifact_name(name)
     except ValueError as exc:

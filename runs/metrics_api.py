@@ -7,15 +7,11 @@ from django.http import HttpRequest, StreamingHttpResponse
 from django.utils.text import slugify
 from ninja import Field, Query, Router, Schema, Status
 
-from portal.api import read_auth
+from portal.api import DetailOut, read_auth
 from runs import analytics
 from runs.models import Project, RunMetric
 
 router = Router(tags=["metrics"])
-
-
-class DetailOut(Schema):
-    detail: str
 
 
 def metrics_for(request: HttpRequest, project: str = ""):
@@ -30,8 +26,14 @@ def metrics_for(request: HttpRequest, project: str = ""):
 
 class AggregateQuery(Schema):
     metricName: str = Field(..., min_length=1, max_length=200)  # noqa: N815 (the API's name)
-    aggregation: str = Field("avg", description="sum, avg, min, max, count, stddev, p50, p95, p99")
-    groupBy: str = Field("", description="slug, day or model")  # noqa: N815
+    aggregation: str = Field(
+        "avg",
+        description="sum, avg, min, max, count, stddev, p50, p95, p99",
+        json_schema_extra={"enum": list(analytics.AGGREGATIONS)},
+    )
+    groupBy: str = Field(  # noqa: N815
+        "", description="slug, day or model", json_schema_extra={"enum": ["", *analytics.GROUPS]}
+    )
     slug: str = Field("", max_length=200, description="only runs of this slug")
     project: str = Field("", max_length=100, description="project slug (operators only)")
     since: str = Field("", description="ISO 8601 or epoch seconds, inclusive")
@@ -66,13 +68,21 @@ def _text_params(**params: str) -> None:
 
 class ExportQuery(Schema):
     metricName: str = Field("", max_length=200, description="empty: every metric")  # noqa: N815
-    format: str = Field("csv", description="csv or jsonl")
+    format: str = Field(
+        "csv",
+        description="csv or jsonl",
+        json_schema_extra={"enum": list(analytics.EXPORT_FORMATS)},
+    )
     limit: int | None = Field(None, ge=1, le=10**12, description="at most this many points")
     since: str = Field("", description="ISO 8601 or epoch seconds, inclusive")
     until: str = Field("", description="ISO 8601 or epoch seconds, exclusive")
     slug: str = Field("", max_length=200)
     project: str = Field("", max_length=100, description="project slug (operators only)")
-    order: str = Field("asc", description="asc (oldest first) or desc (newest first)")
+    order: str = Field(
+        "asc",
+        description="asc (oldest first) or desc (newest first)",
+        json_schema_extra={"enum": ["asc", "desc"]},
+    )
 
 
 @router.get(

@@ -22,6 +22,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import content_disposition_header
 from django.utils.text import slugify
 
+from portal.http import allow_methods
 from portal.pages import page
 from runs import charts, insights, search, work_context
 from runs.diffs import diff_texts
@@ -105,6 +106,7 @@ def slug_suggestions() -> list[str]:
     return list(slugs.distinct().order_by("slug")[:200])
 
 
+@allow_methods("GET")
 @login_required
 def run_list(request: HttpRequest) -> HttpResponse:
     projects = list(Project.objects.order_by("name").values_list("slug", "name"))
@@ -191,6 +193,7 @@ def context_choices(request: HttpRequest, run: Run, context: dict[str, str]) -> 
     return choices
 
 
+@allow_methods("GET")
 @login_required
 def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
     run, namesakes = run_for(request, run_id)
@@ -266,6 +269,7 @@ def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
     return page(request, "runs/detail.html", context, {"timeline": "timeline"})
 
 
+@allow_methods("GET")
 @login_required
 def run_events_jsonl(request: HttpRequest, run_id: str) -> StreamingHttpResponse:
     """The timeline as Gitoma JSONL, with the page's filters: the API's generator.
@@ -301,6 +305,7 @@ def artifact_for(request: HttpRequest, pk: int, with_content: bool = True) -> Ar
     return artifact
 
 
+@allow_methods("GET")
 @login_required
 def artifact_detail(request: HttpRequest, pk: int) -> HttpResponse:
     artifact = artifact_for(request, pk, with_content=False)
@@ -317,6 +322,7 @@ def artifact_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "runs/artifact.html", context)
 
 
+@allow_methods("GET")
 @login_required
 def artifact_download(request: HttpRequest, pk: int) -> HttpResponse:
     artifact = artifact_for(request, pk)
@@ -378,6 +384,7 @@ def artifact_rows(a: Run, b: Run) -> list[dict]:
     return rows
 
 
+@allow_methods("GET")
 @login_required
 def compare(request: HttpRequest) -> HttpResponse:
     ids = [pk for pk in map(as_id, request.GET.getlist("run")) if pk is not None][:2]
@@ -396,6 +403,7 @@ def compare(request: HttpRequest) -> HttpResponse:
 COST_MIN_DAYS = 7  # the cost chart shows at least a week, whatever the window
 
 
+@allow_methods("GET")
 @login_required
 def metrics_dashboard(request: HttpRequest) -> HttpResponse:
     """Charts of run metrics, cost per slug and day, tool reliability, provider latency.
@@ -444,6 +452,7 @@ def metrics_panel(run: Run) -> list[dict]:
     return rows
 
 
+@allow_methods("GET")
 @login_required
 def run_metrics(request: HttpRequest, pk: int) -> HttpResponse:
     """The metrics panel alone (by the run's own key: no agent text in the poller's URL).

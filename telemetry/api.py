@@ -6,7 +6,7 @@ from __future__ import annotations
 from django.http import HttpRequest
 from ninja import Router, Schema
 
-from portal.api import project_auth
+from portal.api import DetailOut, project_auth
 from telemetry.ingest import pipeline
 from telemetry.ingest.cors import origin_allowed
 from telemetry.receivers import beacon, events, metrics
@@ -26,6 +26,10 @@ class IngestOut(Schema):
     batch: int | None
 
 
+class IngestRefusedOut(IngestOut):
+    detail: str  # nothing was accepted: the lines' errors say why
+
+
 class ItemErrorOut(Schema):
     index: int
     error: str
@@ -38,10 +42,6 @@ class RecordOut(Schema):
     batch: int | None
 
 
-class ErrorOut(Schema):
-    detail: str
-
-
 _NDJSON_BODY = {
     "requestBody": {
         "required": True,
@@ -51,8 +51,10 @@ _NDJSON_BODY = {
             "or a JSON array. May be sent with Content-Encoding gzip or deflate."
         ),
         "content": {
-            "application/x-ndjson": {"schema": {"type": "string"}},
-            "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+            "application/x-ndjson": {"schema": {"type": "string", "minLength": 1}},
+            "application/json": {
+                "schema": {"type": "array", "items": {"type": "object"}, "minItems": 1}
+            },
         },
     }
 }
@@ -69,13 +71,18 @@ _RECORD_BODY = {
     }
 }
 
-_ANSWERS = {413: ErrorOut, 415: ErrorOut, 503: ErrorOut}
+
+class RecordRefusedOut(RecordOut):
+    detail: str  # nothing was accepted: the items' errors say why
+
+
+_ANSWERS = {413: DetailOut, 415: DetailOut, 503: DetailOut}
 
 
 @router.post(
     "/ingest/events",
     auth=project_auth,
-    response={202: IngestOut, 400: IngestOut | ErrorOut, **_ANSWERS},
+    response={202: IngestOut, 400: IngestRefusedOut | DetailOut, **_ANSWERS},
     openapi_extra=_NDJSON_BODY,
     summary="Ingest run events",
 )
@@ -94,7 +101,7 @@ def ingest_events(request: HttpRequest, run_id: str = ""):
 @router.post(
     "/metrics/record",
     auth=project_auth,
-    response={202: RecordOut, 400: RecordOut | ErrorOut, **_ANSWERS},
+    response={202: RecordOut, 400: RecordRefusedOut | DetailOut, **_ANSWERS},
     openapi_extra=_RECORD_BODY,
     summary="Record run metrics",
     tags=["metrics"],
@@ -153,11 +160,11 @@ def frontend_log_preflight(request: HttpRequest, key: str = ""):
     "/frontend-log",
     response={
         202: BeaconOut,
-        400: ErrorOut,
-        403: ErrorOut,
-        413: ErrorOut,
-        415: ErrorOut,
-        429: ErrorOut,
+        400: DetailOut,
+        403: DetailOut,
+        413: DetailOut,
+        415: DetailOut,
+        429: DetailOut,
     },
     openapi_extra=_BEACON_BODY,
     summary="Report a front-end error (public beacon)",

@@ -32,6 +32,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 
+from portal.http import allow_methods
 from portal.pages import page
 
 logger = logging.getLogger(__name__)
@@ -220,15 +221,15 @@ def report() -> tuple[dict, int]:
     return body, 200
 
 
+@allow_methods("GET")
 @never_cache
 def health(request: HttpRequest) -> JsonResponse:
     """GET /health (SPEC §4). No login: load balancers and uptime checks call it."""
-    if request.method not in ("GET", "HEAD"):
-        return JsonResponse({"detail": "method not allowed: use GET"}, status=405)
     body, status = report()
     return JsonResponse(body, status=status)
 
 
+@allow_methods("GET")
 @never_cache
 def live(request: HttpRequest) -> JsonResponse:
     """GET /health/live: the process answers. No database, no broker."""
@@ -386,6 +387,7 @@ def status_context() -> dict:
     return context
 
 
+@allow_methods("GET")
 @login_required
 @never_cache
 def status_page(request: HttpRequest) -> HttpResponse:

@@ -327,7 +327,7 @@ class ProjectLimits(models.Model):
 
 
 class RateCounter(models.Model):
-    """Requests counted per key (client address, project) and fixed window.
+    """Requests counted per key (client address, project) and 5-second slot.
 
     Shared by every web process through PostgreSQL, so no extra server is
     needed. The table is UNLOGGED (see the migration): losing counters in a

@@ -43,7 +43,9 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from portal.http import allow_methods
 from runs.models import Run
+from telemetry import ratelimit
 
 SETTLE_AFTER = timedelta(minutes=5)
 # Batch processing latency (received -> stored), seconds.
@@ -298,8 +300,10 @@ registry.register(RunlensCollector())
 
 
 def _loopback(request: HttpRequest) -> bool:
+    # The client as the rate limiter sees it: behind a reverse proxy on this host
+    # (TRUSTED_PROXY_COUNT), REMOTE_ADDR is loopback for every client.
     try:
-        return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
+        return ipaddress.ip_address(ratelimit.client_ip(request)).is_loopback
     except ValueError:
         return False
 
@@ -323,10 +327,9 @@ def wants_openmetrics(request: HttpRequest) -> bool:
     return "application/openmetrics-text" in request.headers.get("Accept", "")
 
 
+@allow_methods("GET")
 @never_cache
 def metrics(request: HttpRequest) -> HttpResponse:
-    if request.method not in ("GET", "HEAD"):
-        return JsonResponse({"detail": "method not allowed: use GET"}, status=405)
     if not allowed(request):
         response = JsonResponse(
             {"detail": "authentication required: send Authorization: Bearer <METRICS_TOKEN>"},

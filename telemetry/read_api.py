@@ -14,7 +14,7 @@ from django.http import Http404, HttpRequest
 from ninja import Field, Query, Router, Schema
 from ninja.errors import HttpError
 
-from portal.api import read_auth
+from portal.api import DetailOut, read_auth
 from runs.models import LEVELS, Project
 from telemetry import traces
 from telemetry.models import ErrorGroup, ErrorReport, Span
@@ -25,16 +25,8 @@ MAX_TRACE_SPANS = 10_000  # one answer stays a few megabytes at most
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class DetailOut(Schema):
-    detail: str
-
-
-class ValidationOut(Schema):
-    detail: list[dict[str, Any]]
-
-
-# Every read may answer these; a 400 lists pydantic's errors, or says what is wrong.
-ANSWERS: dict[int, Any] = {400: DetailOut | ValidationOut, 401: DetailOut, 404: DetailOut}
+# Every read may answer these (portal/openapi.py adds them to every operation anyway).
+ANSWERS: dict[int, Any] = {400: DetailOut, 401: DetailOut, 404: DetailOut}
 
 
 # --- Keyset cursors ---------------------------------------------------------------

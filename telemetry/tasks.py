@@ -60,7 +60,7 @@ def sweep_pending() -> int:
 
 @shared_task(ignore_result=True)
 def purge_rate_counters() -> int:
-    """Drop rate-limit windows that have ended."""
+    """Drop rate-limit slots that left the sliding window."""
     return ratelimit.purge()
 
 

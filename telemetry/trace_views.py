@@ -10,6 +10,7 @@ from __future__ import annotations
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 
+from portal.http import allow_methods
 from portal.pages import ANY_TARGET, page
 from telemetry import traces
 
@@ -21,6 +22,7 @@ def _trace_id(value: str) -> str:
     return trace_id
 
 
+@allow_methods("GET")
 @login_required
 def trace_detail(request: HttpRequest, trace_id: str) -> HttpResponse:
     trace_id = _trace_id(trace_id)
@@ -31,6 +33,7 @@ def trace_detail(request: HttpRequest, trace_id: str) -> HttpResponse:
     return page(request, "telemetry/trace.html", {"trace": trace, "selected": None})
 
 
+@allow_methods("GET")
 @login_required
 def span_detail(request: HttpRequest, trace_id: str, span_id: str) -> HttpResponse:
     """One span's attributes, resource and events: the fragment a waterfall row loads
@@ -51,6 +54,7 @@ def span_detail(request: HttpRequest, trace_id: str, span_id: str) -> HttpRespon
     return page(request, "telemetry/trace.html", context)
 
 
+@allow_methods("GET")
 @login_required
 def span_stats(request: HttpRequest) -> HttpResponse:
     window = request.GET.get("window", "24h")

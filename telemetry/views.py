@@ -21,6 +21,7 @@ from django.shortcuts import get_object_or_404, redirect
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from portal.http import allow_methods
 from portal.pages import ANY_TARGET, page
 from runs.models import Project
 from telemetry.errors import parse_stack
@@ -68,6 +69,7 @@ def _get_group(group_id: int) -> ErrorGroup:
     return get_object_or_404(ErrorGroup.objects.select_related("project"), pk=group_id)
 
 
+@allow_methods("GET")
 @login_required
 def errors_list(request: HttpRequest) -> HttpResponse:
     status = request.GET.get("status", "unresolved")
@@ -91,6 +93,7 @@ def errors_list(request: HttpRequest) -> HttpResponse:
     return page(request, "telemetry/errors.html", context, {ANY_TARGET: "groups"})
 
 
+@allow_methods("GET")
 @login_required
 def error_detail(request: HttpRequest, group_id: int) -> HttpResponse:
     group = _with_stats([_get_group(group_id)])[0]
@@ -441,6 +444,7 @@ def _sentry_detail(
 # --- DSN set-up --------------------------------------------------------------------------
 
 
+@allow_methods("GET")
 @login_required
 def projects(request: HttpRequest) -> HttpResponse:
     """Each project's Sentry DSN with set-up snippets: point an SDK's DSN here and its

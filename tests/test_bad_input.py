@@ -98,3 +98,18 @@ def test_a_nul_character_in_the_url_is_a_400_not_a_500(operator_client, token, u
         response = operator_client.get(url, **headers)
         assert response.status_code == 400
         assert "NUL" in response.json()["detail"]
+
+
+def test_a_chunked_body_the_server_did_not_decode_is_a_411_never_read_as_empty(client, token):
+    # runserver (wsgiref) hands over chunked bodies undecoded; gunicorn decodes them
+    # (tests/test_http_framing.py).
+    for path in ("/api/ingest/events?run_id=r1", "/api/runs/r1/heartbeat", "/v1/logs"):
+        response = client.post(
+            path,
+            b"{}",
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {token}",
+            HTTP_TRANSFER_ENCODING="chunked",
+        )
+        assert response.status_code == 411, path
+        assert "Content-Length" in response.json()["detail"]

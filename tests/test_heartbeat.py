@@ -58,3 +58,19 @@ def test_a_heartbeat_with_text_postgresql_refuses_is_a_400_naming_it(client, tok
         )
         assert response.status_code == 400
         assert named in str(response.json()["detail"])
+
+
+def test_a_heartbeat_body_that_is_not_an_object_is_a_400(client, token):
+    for raw in (b"[false]", b'"str"', b"123", b"null", b"[]", b"true"):
+        response = beat(client, token, "r1", raw=raw)
+        assert response.status_code == 400, raw
+        assert "JSON object" in str(response.json()["detail"]), raw
+    assert not Run.objects.exists()
+
+
+def test_a_heartbeat_without_a_body_is_still_a_sign_of_life(client, token):
+    response = client.post(
+        "/api/runs/r1/heartbeat", b"", "application/json", HTTP_AUTHORIZATION=f"Bearer {token}"
+    )
+    assert response.status_code == 200
+    assert Run.objects.get(run_id="r1").last_heartbeat is not None

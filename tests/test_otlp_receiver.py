@@ -457,7 +457,7 @@ def test_it_rate_limits_per_project_with_retry_after(send, project):
     assert [send("/v1/logs", body).status_code for _ in range(2)] == [200, 200]
     response = send("/v1/logs", body)
     assert response.status_code == 429
-    assert 1 <= int(response["Retry-After"]) <= 60
+    assert 1 <= int(response["Retry-After"]) <= 65  # the sliding minute, counted in 5-second slots
     assert _status(response)[0] == 8
     assert Event.objects.count() == 2
 

@@ -277,3 +277,16 @@ def test_prometheus_3s_accept_header_gets_openmetrics(client, world):
     assert "Accept" in response["Vary"]
     parsed = families(response.content.decode(), openmetrics_families)
     assert value(parsed["runlens_ingest_backlog"], "runlens_ingest_backlog") == 1
+
+
+def test_behind_a_trusted_proxy_the_proxied_client_is_not_this_machine(client, world, settings):
+    # A reverse proxy on this host connects from loopback; the address it saw is the client.
+    settings.TRUSTED_PROXY_COUNT = 1
+    proxied = client.get("/metrics", REMOTE_ADDR="127.0.0.1", HTTP_X_FORWARDED_FOR="203.0.113.9")
+    assert proxied.status_code == 401
+    spoofed = client.get(
+        "/metrics", REMOTE_ADDR="127.0.0.1", HTTP_X_FORWARDED_FOR="127.0.0.1, 203.0.113.9"
+    )
+    assert spoofed.status_code == 401
+    # A Prometheus on this machine scraping the port directly is still this machine.
+    assert client.get("/metrics", REMOTE_ADDR="127.0.0.1").status_code == 200

@@ -58,10 +58,11 @@ def test_thirty_beacons_a_minute_pass_and_the_thirty_first_gets_429(beacon):
         assert response["X-RateLimit-Remaining"] == str(29 - i)
     refused = beacon()
     assert refused.status_code == 429
-    assert refused["Retry-After"] == "45"
+    # The 30 were sent in the 5-second slot that leaves the sliding minute in 65 s.
+    assert refused["Retry-After"] == "65"
     assert (refused["X-RateLimit-Limit"], refused["X-RateLimit-Remaining"]) == ("30", "0")
     assert refused["X-Request-ID"]
-    assert "retry after 45 s" in refused.json()["detail"]
+    assert "retry after 65 s" in refused.json()["detail"]
     assert ErrorReport.objects.count() == 30
 
 
@@ -86,12 +87,47 @@ def test_behind_a_trusted_proxy_the_address_it_saw_is_the_client(beacon):
     assert beacon(address=proxy, **{"X-Forwarded-For": other}).status_code == 202
 
 
-def test_the_limit_starts_over_in_the_next_minute(beacon, clock):
+def test_requests_are_let_through_again_once_they_leave_the_sliding_minute(beacon, clock):
     for _ in range(30):
         beacon()
     assert beacon().status_code == 429
-    clock.now += 45
+    clock.now += 64
+    assert beacon().status_code == 429
+    clock.now += 1
     assert beacon().status_code == 202
+
+
+def test_a_burst_at_the_end_of_a_minute_is_not_followed_by_another_at_the_start_of_the_next(
+    beacon, clock
+):
+    clock.now = NOW + 44  # 59 s into the minute
+    assert {beacon().status_code for _ in range(30)} == {202}
+    clock.now += 2  # 1 s into the next minute: a fixed window would start over here
+    refused = beacon()
+    assert refused.status_code == 429
+    assert refused["Retry-After"] == "59"
+
+
+def test_no_span_of_sixty_seconds_lets_more_than_the_limit_through(beacon, clock):
+    # Three requests every 4 s for five minutes, always more than the 30 a minute.
+    passed = []
+    for _minute_fifteenth in range(75):
+        for _ in range(3):
+            if beacon().status_code == 202:
+                passed.append(clock.now)
+        clock.now += 4
+    assert len(passed) >= 5 * 25
+    for i, started in enumerate(passed):
+        assert len([t for t in passed[i:] if t < started + 60]) <= 30
+
+
+def test_refused_requests_do_not_count(beacon, clock):
+    for _ in range(30):
+        beacon()
+    for _ in range(100):
+        assert beacon().status_code == 429
+    clock.now += 65
+    assert {beacon().status_code for _ in range(30)} == {202}
 
 
 @override_settings(FRONTEND_LOG_RATE=2)
@@ -104,13 +140,13 @@ def test_a_beacon_rate_of_zero_means_unlimited(beacon):
     assert {beacon().status_code for _ in range(40)} == {202}
 
 
-def test_counters_live_in_postgresql_and_ended_windows_are_purged(beacon, clock):
+def test_counters_live_in_postgresql_and_ended_slots_are_purged(beacon, clock):
     for _ in range(3):
         beacon()
     counter = RateCounter.objects.get()
-    assert (counter.key, counter.hits) == ("beacon:192.0.2.10", 3)
-    assert ratelimit.purge(now=clock.now) == 0
-    assert ratelimit.purge(now=clock.now + 60) == 1
+    assert (counter.key, counter.window_start, counter.hits) == ("beacon:192.0.2.10", NOW, 3)
+    assert ratelimit.purge(now=clock.now + 60) == 0  # still in the sliding minute
+    assert ratelimit.purge(now=clock.now + 65) == 1
 
 
 @pytest.mark.parametrize(
@@ -150,10 +186,10 @@ def test_a_project_over_its_ingest_limit_gets_429_with_retry_after(project, post
     assert post_events(body, run_id="r").status_code == 202
     refused = post_events(body, run_id="r")
     assert refused.status_code == 429
-    assert (refused["Retry-After"], refused["X-RateLimit-Limit"]) == ("45", "2")
+    assert (refused["Retry-After"], refused["X-RateLimit-Limit"]) == ("65", "2")
     assert "2 write requests per minute" in refused.json()["detail"]
     assert IngestBatch.objects.count() == 2  # nothing spooled past the limit
-    clock.now += 60
+    clock.now += 65
     assert post_events(body, run_id="r").status_code == 202
 
 
@@ -180,3 +216,21 @@ def test_limits_are_per_project_and_reads_do_not_count(client, token, stranger, 
     assert heartbeat.status_code == 429  # every token endpoint counts writes
     their = post_events(ndjson(record("a.b")), run_id="t", auth=stranger[1])
     assert their.status_code == 202
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_requests_never_let_more_than_the_limit_through():
+    # Eight connections race for the last places of one key: the current slot's row
+    # serialises them, so exactly the limit passes.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    def burst(_: int) -> int:
+        try:
+            return sum(ratelimit.hit("race", 30, now=NOW).allowed for _ in range(10))
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(burst, range(8))) == 30

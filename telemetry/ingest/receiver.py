@@ -69,7 +69,9 @@ class Receiver:
         """The token endpoints' answer: 202 with the batch's summary, or 400 with the
         verdict's when no item was accepted (nothing was spooled)."""
         if batch is None:
-            return Status(400, {**verdict.summary, "batch": None})
+            rejected = verdict.summary.get("rejected", 0)
+            detail = f"nothing accepted: {rejected} rejected, see errors"
+            return Status(400, {"detail": detail, **verdict.summary, "batch": None})
         return Status(202, {**batch.summary, "batch": batch.id})
 
     def refuse(self, request: HttpRequest, refusal: Refusal) -> HttpResponse:

@@ -17,6 +17,30 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 
+def web_command(port: int, workers: int, threads: int = 4) -> list[str]:
+    """gunicorn as `serve` runs it (tests/test_http_framing.py runs the same). Its
+    config module's hook lets an early answer close the connection (docs/http.md)."""
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "portal.wsgi",
+        "--config",
+        "python:portal.gunicorn_conf",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--graceful-timeout",
+        "10",
+        # gunicorn 27's control socket sits at one path per user: a second portal
+        # (or a test run) on the same machine would take it over.
+        "--no-control-socket",
+    ]
+
+
 class Command(BaseCommand):
     help = "Run web + worker + beat until Ctrl-C."
 
@@ -28,20 +52,7 @@ class Command(BaseCommand):
         env = {**os.environ, "DATABASE_URL": settings.DATABASE_URL}
         py = sys.executable
         commands = {
-            "web": [
-                py,
-                "-m",
-                "gunicorn",
-                "portal.wsgi",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(web_workers),
-                "--threads",
-                "4",
-                "--graceful-timeout",
-                "10",
-            ],
+            "web": web_command(port, web_workers),
             "worker": [
                 py,
                 "-m",
