@@ -9,6 +9,7 @@ reports the task stores name the request that caused them.
 import os
 
 from celery import Celery, signals
+from kombu import Queue
 
 from portal.logging import request_id_var
 
@@ -18,6 +19,75 @@ app = Celery("runlens")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
+# A worker outlives its broker: it retries the connection forever, at start and after a
+# loss, and keeps what it had taken (acks late) for another worker or its own return.
+app.conf.broker_connection_retry = True
+app.conf.broker_connection_retry_on_startup = True
+app.conf.broker_connection_max_retries = None  # Celery's default gives up after 100 tries
+app.conf.broker_channel_error_retry = True
+# No remote control: nothing of Runlens inspects workers through the broker (the status
+# page reads their heartbeats from PostgreSQL), and its reply queues are more channels
+# to tear down and rebuild on every reconnect.
+app.conf.worker_enable_remote_control = False
+
+
+def _release_unacked_without_a_client() -> None:
+    """Issue 15: a broker blip killed the worker ("Unrecoverable error: AttributeError:
+    'NoneType' object has no attribute 'hostname'").
+
+    Celery 5.7's consumer, on losing the broker, first collects the connection (kombu sets
+    its transport's `client` to None) and then closes it; closing the default channel
+    restores the messages it had taken but not acknowledged, through a client built from
+    that `client`. With messages in hand (acks late, under load) that AttributeError is
+    raised, not the connection error kombu ignores, and the worker exits. Raise the
+    connection error instead: exactly what the same restore raises while the broker is down
+    (the messages stay in Redis's unacked set and come back after its visibility timeout;
+    pending ingest batches are also re-sent by the sweeper). tests/test_roles.py stops
+    Redis under a working worker.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    if kombu_redis.redis is None or getattr(kombu_redis.QoS, "_runlens_patched", False):
+        return
+    restore_unacked = kombu_redis.QoS.restore_unacked
+
+    def restore_unless_released(self, client=None):
+        transport = getattr(self.channel, "connection", None)
+        if client is None and (transport is None or transport.client is None):
+            raise kombu_redis.redis.exceptions.ConnectionError(
+                "broker connection released before its unacknowledged messages were restored"
+            )
+        return restore_unacked(self, client)
+
+    kombu_redis.QoS.restore_unacked = restore_unless_released
+    kombu_redis.QoS._runlens_patched = True
+
+
+_release_unacked_without_a_client()
+
+# Three queues, so that a long prune or export never waits in line before ingest, and
+# ingest never waits behind them: `serve --role worker --queues ingest` on one host,
+# `--queues housekeeping,notifications` on another (docs/deploy.md).
+INGEST, HOUSEKEEPING, NOTIFICATIONS = "ingest", "housekeeping", "notifications"
+QUEUES = (INGEST, HOUSEKEEPING, NOTIFICATIONS)
+
+
+def route(name: str, args, kwargs, options, task=None, **kw) -> dict:
+    """The queue of a task, by its name. Alert delivery is matched by words in its name
+    (`…alert…`, `…deliver…`), so new notification tasks need no entry here."""
+    lowered = name.lower()
+    if name == "telemetry.tasks.process_batch":
+        return {"queue": INGEST}
+    if "alert" in lowered or "deliver" in lowered or "notif" in lowered:
+        return {"queue": NOTIFICATIONS}
+    # Retention, orphans, sweeps, rate counters, exports, and anything new.
+    return {"queue": HOUSEKEEPING}
+
+
+app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]
+app.conf.task_default_queue = HOUSEKEEPING
+app.conf.task_routes = (route,)
+
 app.conf.beat_schedule = {
     "sweep-pending-batches": {
         "task": "telemetry.tasks.sweep_pending",
@@ -26,10 +96,8 @@ app.conf.beat_schedule = {
     "detect-orphans": {"task": "runs.tasks.detect_orphans", "schedule": 30.0},
     "retention": {"task": "telemetry.tasks.prune", "schedule": 3600.0},
     "purge-rate-counters": {"task": "telemetry.tasks.purge_rate_counters", "schedule": 300.0},
-    # The status page's "workers seen": whichever worker takes it notes itself alive.
-    "worker-heartbeat": {"task": "telemetry.health.worker_heartbeat", "schedule": 30.0},
 }
-# telemetry/health.py holds that task and the signals that note busy workers.
+# telemetry/health.py holds the signals by which each worker notes itself alive.
 app.autodiscover_tasks(["telemetry"], related_name="health")
 
 REQUEST_ID_HEADER = "request_id"
