@@ -11,6 +11,7 @@ import os
 from celery import Celery, signals
 from kombu import Queue
 
+from portal.broker import survive_broker_loss
 from portal.logging import request_id_var
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
@@ -31,39 +32,7 @@ app.conf.broker_channel_error_retry = True
 app.conf.worker_enable_remote_control = False
 
 
-def _release_unacked_without_a_client() -> None:
-    """Issue 15: a broker blip killed the worker ("Unrecoverable error: AttributeError:
-    'NoneType' object has no attribute 'hostname'").
-
-    Celery 5.7's consumer, on losing the broker, first collects the connection (kombu sets
-    its transport's `client` to None) and then closes it; closing the default channel
-    restores the messages it had taken but not acknowledged, through a client built from
-    that `client`. With messages in hand (acks late, under load) that AttributeError is
-    raised, not the connection error kombu ignores, and the worker exits. Raise the
-    connection error instead: exactly what the same restore raises while the broker is down
-    (the messages stay in Redis's unacked set and come back after its visibility timeout;
-    pending ingest batches are also re-sent by the sweeper). tests/test_roles.py stops
-    Redis under a working worker.
-    """
-    from kombu.transport import redis as kombu_redis
-
-    if kombu_redis.redis is None or getattr(kombu_redis.QoS, "_runlens_patched", False):
-        return
-    restore_unacked = kombu_redis.QoS.restore_unacked
-
-    def restore_unless_released(self, client=None):
-        transport = getattr(self.channel, "connection", None)
-        if client is None and (transport is None or transport.client is None):
-            raise kombu_redis.redis.exceptions.ConnectionError(
-                "broker connection released before its unacknowledged messages were restored"
-            )
-        return restore_unacked(self, client)
-
-    kombu_redis.QoS.restore_unacked = restore_unless_released
-    kombu_redis.QoS._runlens_patched = True
-
-
-_release_unacked_without_a_client()
+survive_broker_loss()
 
 # Three queues, so that a long prune or export never waits in line before ingest, and
 # ingest never waits behind them: `serve --role worker --queues ingest` on one host,

@@ -116,7 +116,14 @@ class Command(BaseCommand):
         queues = parse_queues(options["queues"])
         if options["concurrency"] < 1 or options["web_workers"] < 1:
             raise CommandError("--concurrency and --web-workers must be at least 1")
-        commands = self.commands(host, port, queues, **options)
+        commands = self.commands(
+            host,
+            port,
+            queues,
+            concurrency=options["concurrency"],
+            name=options["name"],
+            web_workers=options["web_workers"],
+        )
         wanted = list(commands) if role == "all" else [role]
         children = [Child(name, commands[name]) for name in wanted]
 
@@ -148,13 +155,15 @@ class Command(BaseCommand):
                 stop_embedded(settings.VAR_DIR / "pgdata")
         sys.exit(0)
 
-    def commands(self, host: str, port: int, queues: list[str], **options) -> dict:
+    def commands(
+        self, host: str, port: int, queues: list[str], concurrency: int, name: str, web_workers: int
+    ) -> dict[str, list[str]]:
         py = sys.executable
         worker = [py, "-m", "celery", "-A", "portal", "worker", "--loglevel", "INFO"]
-        worker += ["--queues", ",".join(queues), "--concurrency", str(options["concurrency"])]
+        worker += ["--queues", ",".join(queues), "--concurrency", str(concurrency)]
         worker += ["--without-mingle", "--without-gossip"]
-        if options["name"]:
-            worker += ["--hostname", options["name"]]
+        if name:
+            worker += ["--hostname", name]
         return {
             "web": [
                 py,
@@ -164,7 +173,7 @@ class Command(BaseCommand):
                 "--bind",
                 f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
                 "--workers",
-                str(options["web_workers"]),
+                str(web_workers),
                 "--threads",
                 "4",
                 "--graceful-timeout",
