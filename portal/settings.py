@@ -98,6 +98,16 @@ DATABASES = {"default": parse_database_url(DATABASE_URL)}
 if env_str("TEST_DATABASE_NAME"):
     # Lets two test runs share one server without dropping each other's database.
     DATABASES["default"]["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME")}
+# A read replica (a streaming standby of the same database): pages, read APIs and exports
+# read from it; ingest, workers and the admin use the primary (docs/deploy.md). The test
+# suite reads the test database through it (MIRROR).
+DATABASE_READ_URL = env_str("DATABASE_READ_URL")
+if DATABASE_READ_URL:
+    DATABASES["replica"] = {
+        **parse_database_url(DATABASE_READ_URL),
+        "TEST": {"MIRROR": "default"},
+    }
+DATABASE_ROUTERS = ["portal.db.ReadReplicaRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 INSTALLED_APPS = [
@@ -118,6 +128,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "portal.middleware.RequestIdMiddleware",
     "portal.middleware.RefuseNulInUrlMiddleware",
+    "portal.middleware.ReadReplicaMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
