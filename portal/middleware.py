@@ -105,11 +105,11 @@ class ContentSecurityPolicyMiddleware:
 
 def reads_from_replica(path: str) -> bool:
     """Paths whose GETs may read from the replica: pages, read APIs, exports. Not the
-    admin (triage reads what it just wrote), nor health and /metrics (they report on the
-    primary), nor static files."""
+    admin (triage reads what it just wrote), nor /health, /status and /metrics (they
+    report on the primary), nor static files."""
     return not (
         is_health_path(path)
-        or path == "/metrics"
+        or path in ("/metrics", "/status")
         or path.startswith(("/admin/", "/static/", "/login/", "/logout/"))
     )
 

@@ -90,10 +90,11 @@ def test_ingest_and_its_worker_use_the_primary_only(post_events, project):
     assert touching(primary, "telemetry_ingestbatch")
 
 
-def test_the_admin_and_health_read_the_primary(admin_client, stored_run):
+def test_the_admin_health_and_status_read_the_primary(admin_client, stored_run):
     with query_logs() as (primary, replica):
         assert admin_client.get("/admin/runs/run/").status_code == 200
         assert admin_client.get("/health").status_code == 200
+        assert admin_client.get("/status").status_code == 200
     assert touching(primary, "runs_run") and not replica
 
 
