@@ -21,6 +21,7 @@ import psutil
 import pytest
 import redis
 from django.conf import settings
+from django.core.management import CommandError, call_command
 from django.test import Client
 from django.utils import timezone
 
@@ -183,6 +184,35 @@ def test_a_separate_role_refuses_the_filesystem_broker_with_a_clear_message(tmp_
     assert done.returncode != 0
     assert "serve --role worker needs CELERY_BROKER_URL" in done.stderr
     assert "--role all" in done.stderr
+
+
+def test_tasks_go_to_their_queue_by_name():
+    from portal.celery import app as celery_app
+
+    def queue(name: str) -> str:
+        return celery_app.amqp.router.route({}, name)["queue"].name
+
+    assert queue("telemetry.tasks.process_batch") == "ingest"
+    assert queue("telemetry.tasks.prune") == "housekeeping"
+    assert queue("runs.tasks.detect_orphans") == "housekeeping"
+    assert queue("telemetry.tasks.sweep_pending") == "housekeeping"
+    # Alert delivery, however its author names it, and anything new.
+    assert queue("telemetry.tasks.deliver_notification") == "notifications"
+    assert queue("telemetry.tasks.evaluate_alert_rules") == "notifications"
+    assert queue("telemetry.tasks.something_new") == "housekeeping"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bind", "8000"], "--bind must be HOST:PORT"),
+        (["--bind", "0.0.0.0:99999"], "--bind must be HOST:PORT"),
+        (["--queues", "ingest,celery"], "--queues takes a comma-separated list"),
+    ],
+)
+def test_serve_refuses_bad_options_with_a_clear_message(args, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("serve", *args)
 
 
 def test_serve_starts_a_dead_worker_again_and_the_web_server_keeps_answering(
