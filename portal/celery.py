@@ -9,7 +9,9 @@ reports the task stores name the request that caused them.
 import os
 
 from celery import Celery, signals
+from kombu import Queue
 
+from portal.broker import survive_broker_loss
 from portal.logging import request_id_var
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
@@ -17,6 +19,43 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 app = Celery("runlens")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+# A worker outlives its broker: it retries the connection forever, at start and after a
+# loss, and keeps what it had taken (acks late) for another worker or its own return.
+app.conf.broker_connection_retry = True
+app.conf.broker_connection_retry_on_startup = True
+app.conf.broker_connection_max_retries = None  # Celery's default gives up after 100 tries
+app.conf.broker_channel_error_retry = True
+# No remote control: nothing of Runlens inspects workers through the broker (the status
+# page reads their heartbeats from PostgreSQL), and its reply queues are more channels
+# to tear down and rebuild on every reconnect.
+app.conf.worker_enable_remote_control = False
+
+
+survive_broker_loss()
+
+# Three queues, so that a long prune or export never waits in line before ingest, and
+# ingest never waits behind them: `serve --role worker --queues ingest` on one host,
+# `--queues housekeeping,notifications` on another (docs/deploy.md).
+INGEST, HOUSEKEEPING, NOTIFICATIONS = "ingest", "housekeeping", "notifications"
+QUEUES = (INGEST, HOUSEKEEPING, NOTIFICATIONS)
+
+
+def route(name: str, args, kwargs, options, task=None, **kw) -> dict:
+    """The queue of a task, by its name. Alert delivery is matched by words in its name
+    (`…alert…`, `…deliver…`), so new notification tasks need no entry here."""
+    lowered = name.lower()
+    if name in ("telemetry.tasks.process_batch", "telemetry.tasks.drain_spool"):
+        return {"queue": INGEST}
+    if "alert" in lowered or "deliver" in lowered or "notif" in lowered:
+        return {"queue": NOTIFICATIONS}
+    # Retention, orphans, sweeps, rate counters, exports, and anything new.
+    return {"queue": HOUSEKEEPING}
+
+
+app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]
+app.conf.task_default_queue = HOUSEKEEPING
+app.conf.task_routes = (route,)
 
 app.conf.beat_schedule = {
     "sweep-pending-batches": {
@@ -28,10 +67,8 @@ app.conf.beat_schedule = {
     "retention": {"task": "telemetry.tasks.prune", "schedule": 3600.0},
     "event-partitions": {"task": "runs.tasks.ensure_partitions", "schedule": 3600.0},
     "purge-rate-counters": {"task": "telemetry.tasks.purge_rate_counters", "schedule": 300.0},
-    # The status page's "workers seen": whichever worker takes it notes itself alive.
-    "worker-heartbeat": {"task": "telemetry.health.worker_heartbeat", "schedule": 30.0},
 }
-# telemetry/health.py holds that task and the signals that note busy workers.
+# telemetry/health.py holds the signals by which each worker notes itself alive.
 app.autodiscover_tasks(["telemetry"], related_name="health")
 
 REQUEST_ID_HEADER = "request_id"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.backends.postgresql.base import ServerBindingCursor
 from django.db.models import Model
 
@@ -118,3 +119,66 @@ def copy_json(value: Any) -> bytes:
     """A JSON value for COPY text: JSON escapes control characters itself; COPY needs
     its backslashes doubled."""
     return orjson.dumps(value, default=str).replace(b"\\", b"\\\\")
+
+
+# --- The read replica (DATABASE_READ_URL) -------------------------------------------
+# Pages, read APIs and exports read the domain's tables (runs, telemetry) from the
+# replica when one is configured; ingest, workers, beat, the admin, sessions and users
+# always use the primary. ReadReplicaMiddleware marks the requests that may read from the
+# replica; the router (and `read_connection()` for raw SQL) follows that mark.
+
+REPLICA = "replica"
+READ_APPS = frozenset({"runs", "telemetry"})
+_reading_from_replica: ContextVar[bool] = ContextVar("reading_from_replica", default=False)
+
+
+def read_alias() -> str:
+    """The database alias reads go to here: the replica inside a replica-reading request
+    when DATABASE_READ_URL is set, the primary everywhere else."""
+    if _reading_from_replica.get() and REPLICA in connections.settings:
+        return REPLICA
+    return DEFAULT_DB_ALIAS
+
+
+def read_connection():
+    """The connection raw read-only SQL of pages and read APIs runs on."""
+    return connections[read_alias()]
+
+
+@contextmanager
+def reading_from_replica() -> Iterator[None]:
+    token = _reading_from_replica.set(True)
+    try:
+        yield
+    finally:
+        _reading_from_replica.reset(token)
+
+
+def stream_from_replica(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """A streamed export is read after the view (and its middleware) returned: each chunk
+    is produced inside the mark again, so the whole export reads from the replica."""
+    iterator = iter(chunks)
+    while True:
+        with reading_from_replica():
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+        yield chunk
+
+
+class ReadReplicaRouter:
+    """settings.DATABASE_ROUTERS: reads of runs and telemetry models go where
+    `read_alias()` says; every write, and everything else, goes to the primary."""
+
+    def db_for_read(self, model, **hints) -> str | None:
+        return read_alias() if model._meta.app_label in READ_APPS else DEFAULT_DB_ALIAS
+
+    def db_for_write(self, model, **hints) -> str:
+        return DEFAULT_DB_ALIAS
+
+    def allow_relation(self, obj1, obj2, **hints) -> bool:
+        return True  # one database seen through two connections
+
+    def allow_migrate(self, db: str, app_label: str, **hints) -> bool:
+        return db == DEFAULT_DB_ALIAS

@@ -8,9 +8,10 @@ import re
 import time
 
 from django.conf import settings
-from django.http import JsonResponse
+from django.http import FileResponse, JsonResponse
 
 from portal import http
+from portal.db import reading_from_replica, stream_from_replica
 from portal.logging import request_id_var
 from runs.ids import uuid7
 
@@ -161,4 +162,33 @@ class ContentSecurityPolicyMiddleware:
                 # Django's admin sets inline style attributes; scripts stay strict.
                 policy = policy.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
             response.setdefault("Content-Security-Policy", policy)
+        return response
+
+
+def reads_from_replica(path: str) -> bool:
+    """Paths whose GETs may read from the replica: pages, read APIs, exports. Not the
+    admin (triage reads what it just wrote), nor /health, /status and /metrics (they
+    report on the primary), nor static files."""
+    return not (
+        is_health_path(path)
+        or path in ("/metrics", "/status")
+        or path.startswith(("/admin/", "/static/", "/login/", "/logout/"))
+    )
+
+
+class ReadReplicaMiddleware:
+    """GET and HEAD requests of pages, read APIs and exports read from DATABASE_READ_URL's
+    replica (portal.db.ReadReplicaRouter); every other request, and every worker, reads
+    from the primary. Without a replica this changes nothing."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if request.method not in ("GET", "HEAD") or not reads_from_replica(request.path):
+            return self.get_response(request)
+        with reading_from_replica():
+            response = self.get_response(request)
+        if response.streaming and not isinstance(response, FileResponse):
+            response.streaming_content = stream_from_replica(response.streaming_content)
         return response

@@ -98,6 +98,16 @@ DATABASES = {"default": parse_database_url(DATABASE_URL)}
 if env_str("TEST_DATABASE_NAME"):
     # Lets two test runs share one server without dropping each other's database.
     DATABASES["default"]["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME")}
+# A read replica (a streaming standby of the same database): pages, read APIs and exports
+# read from it; ingest, workers and the admin use the primary (docs/deploy.md). The test
+# suite reads the test database through it (MIRROR).
+DATABASE_READ_URL = env_str("DATABASE_READ_URL")
+if DATABASE_READ_URL:
+    DATABASES["replica"] = {
+        **parse_database_url(DATABASE_READ_URL),
+        "TEST": {"MIRROR": "default"},
+    }
+DATABASE_ROUTERS = ["portal.db.ReadReplicaRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 INSTALLED_APPS = [
@@ -120,6 +130,7 @@ MIDDLEWARE = [
     "portal.middleware.RequestBodyMiddleware",
     "portal.middleware.JsonMethodNotAllowedMiddleware",
     "portal.middleware.RefuseNulInUrlMiddleware",
+    "portal.middleware.ReadReplicaMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -170,6 +181,17 @@ SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
 SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# --- Behind a reverse proxy that terminates TLS (docs/deploy.md, deploy/runlens.env) ----
+# The proxy says the client came over HTTPS in X-Forwarded-Proto; trust it only when a
+# proxy that sets (and overwrites) it stands in front.
+if env_bool("TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+# Probes and scrapers call the web process directly over HTTP, past the proxy.
+SECURE_REDIRECT_EXEMPT = [r"^health(/|$)", r"^metrics$"]
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 LOGIN_URL = "/login/"
@@ -262,6 +284,10 @@ INGEST_RATE_PER_MINUTE = env_int("INGEST_RATE_PER_MINUTE", 1200)
 RUNLENS_URL = env_str("RUNLENS_URL", f"http://127.0.0.1:{env_int('PORT', 8000)}").rstrip("/")
 if not RUNLENS_URL.startswith(("http://", "https://")):
     raise ImproperlyConfigured(f"RUNLENS_URL must start with http(s)://, got {RUNLENS_URL!r}")
+if not CSRF_TRUSTED_ORIGINS and env_str("RUNLENS_URL"):
+    # Forms posted from the public address are the portal's own (a proxy may rewrite Host).
+    _public = urlsplit(RUNLENS_URL)
+    CSRF_TRUSTED_ORIGINS = [f"{_public.scheme}://{_public.netloc}"]
 # Sentry envelopes and events (POST /api/<project id>/envelope/ and /store/): body limit
 # after decompression (413 beyond).
 SENTRY_MAX_BYTES = env_int("SENTRY_MAX_BYTES", 20 * 1024 * 1024, minimum=64 * 1024)

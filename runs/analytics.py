@@ -13,11 +13,12 @@ from datetime import UTC, datetime
 
 import orjson
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connections, transaction
 from django.db.models import F, Q, QuerySet
 from django.db.models.fields.json import KT
 from django.db.models.functions import TruncDate
 
+from portal.db import read_alias
 from runs.timestamps import TimestampError, parse_timestamp
 
 MAX_GROUPS = 1000
@@ -208,7 +209,8 @@ def aggregate(points: QuerySet, metric: str, aggregation: str, group_by: str | N
         else:
             sql += " SELECT stats.*, NULL AS sets FROM stats"
         sql += " ORDER BY stats.grp ASC NULLS LAST"
-    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+    alias = read_alias()
+    with transaction.atomic(using=alias, savepoint=False), connections[alias].cursor() as cursor:
         # For this transaction only: JIT compiling these one-off aggregates costs more
         # than it saves (~1 s measured on a 100,000-point histogram query), and sorts
         # for percentiles get room in memory instead of spilling 1M values to disk.

@@ -20,8 +20,9 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import connection
 from django.utils import timezone
+
+from portal.db import read_connection
 
 WINDOWS = {
     "1h": timedelta(hours=1),
@@ -279,7 +280,7 @@ def tool_stats(
         metric_filter=metric_filter,
     )
     params = {"since": since, "until": until, "project": project_id, "rows": rows}
-    with connection.cursor() as cursor:
+    with read_connection().cursor() as cursor:
         cursor.execute(_TOOLS_SQL.format(calls=calls), params)
         return [
             ToolStats(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7])
@@ -293,7 +294,7 @@ def provider_stats(
     """Per provider and model: requests, errors, tokens, cost, latency percentiles."""
     join, where = _project_sql(project_id, "e")
     params = {"since": since, "until": until, "project": project_id, "rows": rows}
-    with connection.cursor() as cursor:
+    with read_connection().cursor() as cursor:
         cursor.execute(_PROVIDERS_SQL.format(join=join, filter=where), params)
         return [
             ProviderStats(
@@ -383,7 +384,7 @@ def metric_series(
         ORDER BY 1
     """
     params = {"step": step, "origin": since, "name": name, "since": since, "until": until}
-    with connection.cursor() as cursor:
+    with read_connection().cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     series: dict[str, list[tuple[datetime, float, int]]] = {}
@@ -414,7 +415,7 @@ def cost_per_slug_day(
         WHERE started_at >= %s AND started_at <= %s AND cost_usd > 0
         GROUP BY 1, 2
     """
-    with connection.cursor() as cursor:
+    with read_connection().cursor() as cursor:
         cursor.execute(sql, [first, until])
         rows = cursor.fetchall()
     days: list[datetime] = []
@@ -452,7 +453,7 @@ def run_metric_panel(run_pk: int, per_name: int = 60, names: int = 50) -> list[d
         WHERE k <= %s AND n <= %s
         ORDER BY name, recorded_at, k DESC
     """
-    with connection.cursor() as cursor:
+    with read_connection().cursor() as cursor:
         cursor.execute(sql, [run_pk, per_name, names])
         rows = cursor.fetchall()
     panel: dict[str, dict] = {}

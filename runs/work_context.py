@@ -17,6 +17,8 @@ from urllib.parse import urlencode
 
 from django.db.models import Q
 
+from portal.db import read_connection
+
 # Query parameter -> attribute key, in the order chips are shown.
 PARAMS = {
     "rig": "work_rig",
@@ -85,8 +87,6 @@ def timeline_values(run_pk: int, limit: int = 40) -> list[dict]:
     bounded sample keeps the cost independent of the run's size (one index range on
     (run, seq), newest first), where a full GROUP BY would read every row's `data`.
     """
-    from django.db import connection
-
     pairs = ", ".join("(%s, %s)" for _ in PARAMS)
     sql = f"""
         SELECT c.param, c.value, count(*) AS n
@@ -101,7 +101,7 @@ def timeline_values(run_pk: int, limit: int = 40) -> list[dict]:
     for param, key in PARAMS.items():
         params += [param, key]
     params.append(limit)
-    with connection.cursor() as cursor:
+    with read_connection().cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     order = list(PARAMS)

@@ -1,5 +1,5 @@
 """Is Runlens well? `/health` for probes and people, `/health/live` for the process alone,
-the `/status` page, and the small state files the status page reads (docs/operations.md).
+the `/status` page, and the worker heartbeats and job records it reads (docs/operations.md).
 
 The counters are meant to be polled every few seconds on an installation with tens of
 millions of events, so each one is answered from an index: the partial index on live
@@ -9,7 +9,6 @@ batches. A statement timeout bounds them all: a slow counter comes back empty, n
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -21,9 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta
 from functools import cache
-from pathlib import Path
 
-from celery import shared_task, signals
+from celery import signals
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.db import DatabaseError, Error, connection, transaction
@@ -40,8 +38,9 @@ logger = logging.getLogger(__name__)
 STARTED = time.monotonic()
 COUNTER_TIMEOUT_MS = 2000  # per /health request, for all counters together
 BROKER_TIMEOUT_S = 1.0
-WORKER_RECENT_S = 120  # a worker that beat within this is "seen"; beat sends one every 30 s
-WORKER_FORGET_S = 7 * 86400  # heartbeat files older than this are removed when read
+HEARTBEAT_EVERY_S = 30  # each worker notes itself alive this often (WorkerHeartbeatThread)
+WORKER_RECENT_S = 120  # a worker that noted itself within this is "seen"
+WORKER_FORGET_S = 7 * 86400  # heartbeats older than this are removed when read
 
 
 # --- Version and commit -----------------------------------------------------------
@@ -131,7 +130,7 @@ def broker_ok() -> bool:
 # One round trip. Every part is answered by an index: run_active (partial, live runs),
 # eventcount_by_minute (the per-minute event counts the worker keeps: at most 1,440
 # rows a project for a day, however many events it holds), errorreport_received_brin,
-# batch_pending.
+# batch_pending; the worker heartbeats are a row per worker.
 _COUNTERS_SQL = """
 SELECT
   (SELECT count(*) FROM runs_run),
@@ -143,7 +142,8 @@ SELECT
   (SELECT count(*) FROM telemetry_errorreport
      WHERE received_at >= %(day_ago)s AND source <> 'event'),
   (SELECT count(*) FROM telemetry_ingestbatch WHERE state = 'pending'),
-  (SELECT min(received_at) FROM telemetry_ingestbatch WHERE state = 'pending')
+  (SELECT min(received_at) FROM telemetry_ingestbatch WHERE state = 'pending'),
+  (SELECT count(*) FROM telemetry_workerheartbeat WHERE seen_at >= %(worker_recent)s)
 """
 
 EMPTY_METRICS = {
@@ -154,6 +154,7 @@ EMPTY_METRICS = {
     "errors_last_24h": None,
     "ingest_backlog": None,
     "oldest_pending_batch_s": None,
+    "workers_seen": None,
 }
 
 
@@ -169,8 +170,17 @@ def counters(now: datetime | None = None) -> dict:
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute(f"SET LOCAL statement_timeout = {COUNTER_TIMEOUT_MS}")
-            cursor.execute(_COUNTERS_SQL, {"day_ago": now - timedelta(hours=24), "now": now})
-            total, active, events, error_events, reports, backlog, oldest = cursor.fetchone()
+            cursor.execute(
+                _COUNTERS_SQL,
+                {
+                    "day_ago": now - timedelta(hours=24),
+                    "now": now,
+                    "worker_recent": now - timedelta(seconds=WORKER_RECENT_S),
+                },
+            )
+            (total, active, events, error_events, reports, backlog, oldest, seen) = (
+                cursor.fetchone()
+            )
         orphaned = Run.objects.orphans(now).count()
     return {
         "runs_total": total,
@@ -182,6 +192,7 @@ def counters(now: datetime | None = None) -> dict:
         "oldest_pending_batch_s": (
             max(0, int((now - oldest).total_seconds())) if oldest is not None else 0
         ),
+        "workers_seen": seen,
     }
 
 
@@ -236,116 +247,137 @@ def live(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok", "uptime_seconds": uptime_seconds()})
 
 
-# --- State files under var/status: worker heartbeats, the last retention run --------
-
-
-def status_dir() -> Path:
-    return Path(settings.VAR_DIR) / "status"
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    """Atomic: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+# --- Worker heartbeats and the last retention run, in PostgreSQL -------------------
+# Web, worker and beat may run on different hosts with nothing shared but PostgreSQL and
+# the broker, so what the status page shows of the workers and of retention lives in
+# the database (docs/deploy.md), never in files under RUNLENS_VAR_DIR.
 
 
 def record_retention(deleted_runs: dict[str, int], reports: int = 0) -> None:
     """Called at the end of every retention run (beat's hourly task and `manage.py prune`)."""
-    payload = {
-        "at": timezone.now().isoformat(),
+    from telemetry.models import JobRun
+
+    result = {
         "runs_deleted": sum(deleted_runs.values()),
         "reports_deleted": reports,
         "projects": len(deleted_runs),
     }
     try:
-        _write_json(status_dir() / "retention.json", payload)
-    except OSError as exc:  # the prune itself succeeded; the status page will say "never"
+        JobRun.objects.update_or_create(
+            job="retention", defaults={"finished_at": timezone.now(), "result": result}
+        )
+    except DatabaseError as exc:  # the prune itself succeeded; the page keeps the old run
         logger.warning("could not record the retention run: %s", exc)
 
 
 def last_retention() -> dict | None:
-    found = _read_json(status_dir() / "retention.json")
-    if found:
-        try:
-            found["at"] = datetime.fromisoformat(found["at"])
-        except (KeyError, TypeError, ValueError):
-            return None
-    return found
+    from telemetry.models import JobRun
+
+    found = JobRun.objects.filter(job="retention").first()
+    return {**found.result, "at": found.finished_at} if found else None
 
 
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9@._-]")
 _last_beat: dict[str, float] = {}
 
 
-def record_worker(hostname: str, throttle_s: float = 0) -> None:
-    """Note that the worker `hostname` is alive (at most once per `throttle_s` per process)."""
-    hostname = hostname or "worker"
+def record_worker(
+    hostname: str, throttle_s: float = 0, queues: str = "", started: bool = False
+) -> None:
+    """Note that the worker `hostname` is alive (at most once per `throttle_s` per process).
+
+    Never raises: a worker must outlive its database as it outlives its broker."""
+    from telemetry.models import WorkerHeartbeat
+
+    hostname = (hostname or "worker")[:200]
     now = time.monotonic()
     if throttle_s and now - _last_beat.get(hostname, -throttle_s) < throttle_s:
         return
     _last_beat[hostname] = now
-    name = _SAFE_NAME.sub("_", hostname)[:120] + ".json"
-    payload = {"hostname": hostname[:200], "pid": os.getpid(), "at": timezone.now().isoformat()}
+    at = timezone.now()
+    row = WorkerHeartbeat(
+        hostname=hostname, pid=os.getpid(), queues=queues[:200], started_at=at, seen_at=at
+    )
+    update = ["pid", "seen_at"] + (["queues", "started_at"] if started else [])
     try:
-        _write_json(status_dir() / "workers" / name, payload)
-    except OSError as exc:
+        WorkerHeartbeat.objects.bulk_create(
+            [row], update_conflicts=True, unique_fields=["hostname"], update_fields=update
+        )
+    except Error as exc:
         logger.warning("could not record the worker heartbeat: %s", exc)
 
 
+def forget_worker(hostname: str) -> None:
+    """A worker stopping cleanly leaves the list at once rather than turning stale."""
+    from telemetry.models import WorkerHeartbeat
+
+    try:
+        WorkerHeartbeat.objects.filter(hostname=hostname[:200]).delete()
+    except Error as exc:
+        logger.warning("could not remove the worker heartbeat: %s", exc)
+
+
 def workers(now: datetime | None = None) -> list[dict]:
-    """Workers that wrote a heartbeat, newest first, each marked recent or not."""
+    """Workers that noted themselves, newest first, each marked recent or not."""
+    from telemetry.models import WorkerHeartbeat
+
     now = now or timezone.now()
-    found = []
-    folder = status_dir() / "workers"
-    for path in sorted(folder.glob("*.json"))[:200] if folder.is_dir() else []:
-        data = _read_json(path)
-        try:
-            at = datetime.fromisoformat(data["at"]) if data else None
-        except (KeyError, TypeError, ValueError):
-            at = None
-        if at is None:
-            continue
-        age = (now - at).total_seconds()
-        if age > WORKER_FORGET_S:
-            path.unlink(missing_ok=True)
-            continue
-        found.append(
-            {"hostname": str(data.get("hostname", "?")), "at": at, "recent": age <= WORKER_RECENT_S}
-        )
-    return sorted(found, key=lambda w: w["at"], reverse=True)
+    WorkerHeartbeat.objects.filter(seen_at__lt=now - timedelta(seconds=WORKER_FORGET_S)).delete()
+    return [
+        {
+            "hostname": w.hostname,
+            "pid": w.pid,
+            "queues": w.queues,
+            "started_at": w.started_at,
+            "at": w.seen_at,
+            "recent": (now - w.seen_at).total_seconds() <= WORKER_RECENT_S,
+        }
+        for w in WorkerHeartbeat.objects.order_by("-seen_at")[:200]
+    ]
 
 
-@shared_task(bind=True, ignore_result=True, name="telemetry.health.worker_heartbeat")
-def worker_heartbeat(self) -> None:
-    """Beat sends this every 30 s: whichever worker takes it notes it is alive."""
-    if not self.request.is_eager:
-        record_worker(self.request.hostname or "")
-        # Nothing an operator acts on (the status page shows it): DEBUG only.
-        logger.debug("worker heartbeat: %s", self.request.hostname)
+class WorkerHeartbeatThread(threading.Thread):
+    """Notes its worker alive every HEARTBEAT_EVERY_S from the worker's main process, on
+    a database connection of its own, whatever the worker is busy with and whichever
+    queues it consumes (beat's housekeeping tasks go to one queue only)."""
+
+    def __init__(self, hostname: str, queues: str) -> None:
+        super().__init__(name="runlens-worker-heartbeat", daemon=True)
+        self.hostname, self.queues = hostname, queues
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        started = True
+        while True:
+            record_worker(self.hostname, queues=self.queues, started=started)
+            started = False
+            # One connection a beat, closed at once: idle workers hold no connection.
+            connection.close()
+            if self.stopping.wait(HEARTBEAT_EVERY_S):
+                break
+        forget_worker(self.hostname)
+        connection.close()
+
+
+_heartbeat: WorkerHeartbeatThread | None = None
 
 
 @signals.worker_ready.connect
 def _worker_started(sender=None, **kwargs) -> None:
-    record_worker(getattr(sender, "hostname", "") or "")
+    global _heartbeat
+    hostname = getattr(sender, "hostname", "") or ""
+    try:
+        queues = ",".join(sorted(sender.app.amqp.queues.consume_from or {}))
+    except AttributeError:
+        queues = ""
+    _heartbeat = WorkerHeartbeatThread(hostname, queues)
+    _heartbeat.start()
 
 
-@signals.task_postrun.connect
-def _task_done(task=None, **kwargs) -> None:
-    # Busy workers are seen through their work too (at most every 10 s each), so with
-    # several workers each shows up even when another took beat's heartbeat.
-    request = getattr(task, "request", None)
-    if request is not None and not request.is_eager:
-        record_worker(request.hostname or "", throttle_s=10)
+@signals.worker_shutdown.connect
+def _worker_stopping(**kwargs) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stopping.set()
+        _heartbeat.join(5)
 
 
 # --- The /status page ----------------------------------------------------------------

@@ -913,3 +913,30 @@ class AlertState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.rule}: {self.label or self.subject} {self.state}"
+
+
+class WorkerHeartbeat(models.Model):
+    """One row per Celery worker (its node name, `celery@host`): what `/status` shows as
+    the workers seen. In PostgreSQL rather than in files, so a web process on any host
+    sees the workers of every host (docs/deploy.md)."""
+
+    hostname = models.CharField(max_length=200, unique=True)
+    pid = models.IntegerField(default=0)
+    queues = models.CharField(max_length=200, blank=True)
+    started_at = models.DateTimeField()
+    seen_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.hostname
+
+
+class JobRun(models.Model):
+    """The last run of a housekeeping job (e.g. `retention`): when it ended and what it did,
+    one row per job, for the status page."""
+
+    job = models.CharField(max_length=50, unique=True)
+    finished_at = models.DateTimeField()
+    result = models.JSONField(default=dict)
+
+    def __str__(self) -> str:
+        return self.job

@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from django.db import connection
 from django.db.models import (
     Count,
     F,
@@ -28,6 +27,7 @@ from django.db.models import (
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from portal.db import read_connection
 from runs.formatting import duration
 from runs.models import Project, Run
 from telemetry.models import Span
@@ -528,7 +528,7 @@ def span_stats(
         "service": service,
         "limit": limit,
     }
-    with connection.cursor() as cursor:
+    with read_connection().cursor() as cursor:
         cursor.execute(sql, params)
         columns = [col.name for col in cursor.description]
         rows = [dict(zip(columns, values, strict=True)) for values in cursor.fetchall()]

@@ -69,8 +69,8 @@ def fresh_sentry_scopes():
 
 @pytest.fixture(autouse=True)
 def private_status_dir(settings, tmp_path_factory):
-    """State files (worker heartbeats, the last retention run) go to a test folder,
-    never into the var/ of the installation the tests run from."""
+    """Local state (the generated secret key, the filesystem broker) goes to a test
+    folder, never into the var/ of the installation the tests run from."""
     settings.VAR_DIR = tmp_path_factory.mktemp("var")
 
 

@@ -27,6 +27,7 @@ METRIC_KEYS = {
     "errors_last_24h",
     "ingest_backlog",
     "oldest_pending_batch_s",
+    "workers_seen",
 }
 
 
@@ -103,6 +104,7 @@ def test_it_counts_a_small_world(client, world):
         "errors_last_24h": 2,  # the error event of today and the beacon report
         "ingest_backlog": 1,
         "oldest_pending_batch_s": pytest.approx(120, abs=5),
+        "workers_seen": 0,
     }
 
 

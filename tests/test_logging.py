@@ -66,7 +66,6 @@ def test_a_real_worker_at_info_logs_what_changed_and_nothing_per_task(
         for name in (
             "runs.tasks.detect_orphans",  # marks the silent run: one line
             "runs.tasks.detect_orphans",  # nothing left to mark: no line
-            "telemetry.health.worker_heartbeat",
             "telemetry.tasks.sweep_pending",
         ):
             celery_app.send_task(name)

@@ -1,27 +1,19 @@
 """The /status page: the /health counters for people, workers seen, the last retention
-run, and a panel that refreshes itself through htmx while keeping a real link."""
+run (both kept in PostgreSQL), and a panel that refreshes itself through htmx while
+keeping a real link."""
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 
-import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
 from runs.models import Run
 from telemetry import health
-from telemetry.models import IngestBatch
+from telemetry.models import IngestBatch, JobRun, WorkerHeartbeat
 
 PANEL = {"HTTP_HX_REQUEST": "true", "HTTP_HX_TARGET": "status-panel"}
-
-
-@pytest.fixture(autouse=True)
-def state_dir(settings, tmp_path):
-    """Worker heartbeats and the retention record go to a private var/ for each test."""
-    settings.VAR_DIR = tmp_path
-    return tmp_path / "status"
 
 
 def test_anonymous_visitors_are_sent_to_log_in(client, db):
@@ -57,35 +49,51 @@ def test_the_poll_gets_only_the_panel(operator_client, project):
     assert response["Vary"] == "HX-Request, HX-Target" or "HX-Target" in response["Vary"]
 
 
-def test_it_lists_workers_with_their_names_escaped(operator_client, project, state_dir):
-    health.record_worker("celery@<script>alert(1)</script>")
-    old = state_dir / "workers" / "celery@stale.json"
-    stale_at = (timezone.now() - timedelta(minutes=30)).isoformat()
-    old.write_text(json.dumps({"hostname": "celery@stale", "at": stale_at}))
+def test_it_lists_workers_with_their_names_escaped(operator_client, project):
+    health.record_worker("celery@<script>alert(1)</script>", queues="ingest", started=True)
+    stale_at = timezone.now() - timedelta(minutes=30)
+    WorkerHeartbeat.objects.create(hostname="celery@stale", started_at=stale_at, seen_at=stale_at)
     html = operator_client.get("/status").content.decode()
     assert "celery@&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<script>alert" not in html
     assert 'class="stale"><code>celery@stale</code>' in html and "(not recently)" in html
 
 
-def test_a_worker_notes_itself_at_most_once_per_throttle(state_dir):
+def test_a_worker_notes_itself_at_most_once_per_throttle(db):
     health.record_worker("celery@busy", throttle_s=60)
-    first = (state_dir / "workers" / "celery@busy.json").stat().st_mtime_ns
+    first = WorkerHeartbeat.objects.get().seen_at
     health.record_worker("celery@busy", throttle_s=60)
-    assert (state_dir / "workers" / "celery@busy.json").stat().st_mtime_ns == first
+    assert WorkerHeartbeat.objects.get().seen_at == first
     assert [w["hostname"] for w in health.workers()] == ["celery@busy"]
 
 
-def test_the_beat_heartbeat_does_nothing_when_run_eagerly(state_dir, db):
-    health.worker_heartbeat.delay()  # tests run tasks eagerly, inside this process
-    assert not (state_dir / "workers").exists()
+def test_workers_silent_for_a_week_are_forgotten(db):
+    long_ago = timezone.now() - timedelta(days=8)
+    WorkerHeartbeat.objects.create(hostname="celery@gone", started_at=long_ago, seen_at=long_ago)
+    assert health.workers() == []
+    assert not WorkerHeartbeat.objects.exists()
 
 
-def test_a_prune_is_recorded_and_shown(operator_client, project, state_dir):
+def test_a_worker_heartbeat_is_kept_in_the_database_not_under_the_var_dir(db, settings):
+    """Web and workers on different hosts share only PostgreSQL and the broker (issue 14)."""
+    health.record_worker("celery@elsewhere", queues="ingest,housekeeping", started=True)
+    assert not (settings.VAR_DIR / "status").exists()
+    (seen,) = health.workers()
+    assert (seen["hostname"], seen["queues"], seen["recent"]) == (
+        "celery@elsewhere",
+        "ingest,housekeeping",
+        True,
+    )
+    assert health.counters()["workers_seen"] == 1
+
+
+def test_a_prune_is_recorded_and_shown(operator_client, project, settings):
     call_command("prune")
     recorded = health.last_retention()
     assert recorded is not None and recorded["runs_deleted"] == 0
     assert timezone.now() - recorded["at"] < timedelta(seconds=30)
+    assert JobRun.objects.get(job="retention").result["reports_deleted"] == 0
+    assert not (settings.VAR_DIR / "status").exists()
     html = operator_client.get("/status").content.decode()
     assert "0 runs, 0 error reports" in html
 
