@@ -3,9 +3,6 @@ a channel whose receiver hangs does not delay another channel of the same messag
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +12,7 @@ from runs.models import EventCount
 from telemetry.alerts.evaluation import run_round
 from telemetry.models import AlertChannel, AlertRule
 from tests.alert_receiver import start_receiver
-from tests.test_worker import REDIS_URL, ROOT, database_url, real_broker, wait_for  # noqa: F401
+from tests.test_worker import celery_worker, real_broker, wait_for  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -24,29 +21,14 @@ TIMEOUT_S = 2
 
 @pytest.fixture
 def alert_worker(real_broker, tmp_path):  # noqa: F811
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "CELERY_BROKER_URL": REDIS_URL,
-        "RUNLENS_VAR_DIR": str(tmp_path),
-        "ALERT_TIMEOUT_SECONDS": str(TIMEOUT_S),
-        "ALERT_RETRY_BACKOFF_SECONDS": "600",  # no retry within the test
-        "PYTHONUNBUFFERED": "1",
-    }
-    command = [sys.executable, "-m", "celery", "-A", "portal", "worker", "--concurrency", "2"]
-    command += ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
-    with open(tmp_path / "worker.log", "w+") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.seek(0)
-            print(log.read()[-4000:])
+    with celery_worker(
+        tmp_path,
+        "--concurrency",
+        "2",
+        ALERT_TIMEOUT_SECONDS=str(TIMEOUT_S),
+        ALERT_RETRY_BACKOFF_SECONDS="600",  # no retry within the test
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture

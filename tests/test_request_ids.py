@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 import redis
@@ -18,7 +16,7 @@ from portal.celery import app as celery_app
 from portal.logging import JsonFormatter, RequestIdFilter, request_id_var
 from telemetry.models import ErrorReport
 from tests.conftest import ndjson, record
-from tests.test_worker import ROOT, database_url, use_broker, wait_for
+from tests.test_worker import celery_worker, use_broker, wait_for
 
 REDIS_URL = os.environ.get("TEST_REQUEST_IDS_REDIS_URL", "redis://127.0.0.1:6379/13")
 
@@ -131,36 +129,16 @@ def worker_log(tmp_path):
         pytest.fail(f"Redis is not reachable at {REDIS_URL}; .ci/run starts it")
     celery_app.conf.task_always_eager = False
     use_broker(REDIS_URL)
-    log_path = tmp_path / "worker.log"
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "CELERY_BROKER_URL": REDIS_URL,
-        "PYTHONUNBUFFERED": "1",
-        # DEBUG: Celery's own per-task lines are checked too, and INFO hides them.
-        "LOG_LEVEL": "DEBUG",
-    }
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "portal", "worker", "--pool", "solo"]
-            + ["--without-mingle", "--without-gossip", "--loglevel", "INFO"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    # DEBUG: Celery's own per-task lines are checked too, and INFO hides them.
     try:
-        yield log_path
+        with celery_worker(
+            tmp_path, "--pool", "solo", CELERY_BROKER_URL=REDIS_URL, LOG_LEVEL="DEBUG"
+        ):
+            yield tmp_path / "worker.log"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         celery_app.conf.task_always_eager = True
         use_broker(settings.CELERY_BROKER_URL)
         celery_app.conf.broker_transport_options = settings.CELERY_BROKER_TRANSPORT_OPTIONS
-        print(log_path.read_text()[-4000:])
 
 
 def json_lines(path) -> list[dict]:

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,44 +64,38 @@ def real_broker():
     celery_app.conf.broker_transport_options = settings.CELERY_BROKER_TRANSPORT_OPTIONS
 
 
-@pytest.fixture
-def worker(real_broker, tmp_path):
+@contextmanager
+def celery_worker(tmp_path, *args: str, **env: str) -> Iterator[subprocess.Popen]:
+    """A real Celery worker process on Redis against the test database, logging to
+    tmp_path/worker.log; stopped, and its log's tail printed, on the way out."""
     env = {
         **os.environ,
         "DATABASE_URL": database_url(),
         "CELERY_BROKER_URL": REDIS_URL,
-        "RUNLENS_VAR_DIR": str(tmp_path),  # its heartbeat files, not the installation's
+        "RUNLENS_VAR_DIR": str(tmp_path),  # its files, not the installation's
         "PYTHONUNBUFFERED": "1",
+        **env,
     }
+    command = [sys.executable, "-m", "celery", "-A", "portal", "worker"]
+    command += ["--without-mingle", "--without-gossip", "--loglevel", "INFO", *args]
     with open(tmp_path / "worker.log", "w+") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "portal",
-                "worker",
-                "--pool",
-                "solo",
-                "--without-mingle",
-                "--without-gossip",
-                "--loglevel",
-                "INFO",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        yield proc
-        proc.terminate()
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.seek(0)
-        print(log.read()[-4000:])
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.seek(0)
+            print(log.read()[-4000:])
+
+
+@pytest.fixture
+def worker(real_broker, tmp_path):
+    with celery_worker(tmp_path, "--pool", "solo") as proc:
+        yield proc
 
 
 def wait_for(predicate, timeout: float = 45.0) -> bool:
