@@ -117,8 +117,12 @@ def pause_autovacuum(conn: psycopg.Connection) -> None:
     a production table of millions of rows does. When one did, it cost (c) up to
     2 µs of PostgreSQL CPU per event. `--autovacuum` keeps it on.
     """
+    # Tables that hold rows: a partitioned table (runs_event) takes no storage
+    # parameters, its partitions do.
     tables = conn.execute(
-        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE schemaname = 'public'"
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = 'public' AND c.relkind = 'r'"
     ).fetchall()
     off = "autovacuum_enabled = false, toast.autovacuum_enabled = false"
     for (table,) in tables:
