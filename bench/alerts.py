@@ -370,7 +370,8 @@ def sizes(url: str) -> dict:
             " (SELECT count(*) FROM telemetry_errorreport),"
             " (SELECT count(*) FROM runs_eventcount),"
             " (SELECT count(*) FROM telemetry_slugerrorcount),"
-            " pg_size_pretty(pg_total_relation_size('runs_event'))"
+            " pg_size_pretty((SELECT sum(pg_total_relation_size(relid))"
+            " FROM pg_partition_tree('runs_event')))"
         ).fetchone()
     names = ["events", "runs", "reports", "eventcounts", "slugcounts", "events_disk"]
     return dict(zip(names, row, strict=True))

@@ -219,7 +219,8 @@ def sizes(url: str) -> dict[str, str]:
     with psycopg.connect(url) as conn:
         row = conn.execute(
             "SELECT (SELECT count(*) FROM runs_run), (SELECT count(*) FROM runs_event),"
-            " pg_size_pretty(pg_total_relation_size('runs_event'))"
+            " pg_size_pretty((SELECT sum(pg_total_relation_size(relid))"
+            " FROM pg_partition_tree('runs_event')))"
         ).fetchone()
     return {"runs": f"{row[0]:,}", "events": f"{row[1]:,}", "events on disk": row[2]}
 
