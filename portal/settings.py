@@ -254,8 +254,8 @@ RETENTION_MAX_AGE_DAYS = env_int("RETENTION_MAX_AGE_DAYS", 30, minimum=1)
 # Events are partitioned by day (runs/partitions.py); beat keeps this many days ahead.
 PARTITIONS_AHEAD = env_int("PARTITIONS_AHEAD", 7, minimum=1)
 SWEEP_PENDING_AFTER_SECONDS = env_int("SWEEP_PENDING_AFTER_SECONDS", 60, minimum=1)
-# The worker stores pending batches of a kind several per transaction: at most this
-# many, and this much spooled (compressed) body beyond the first (docs/performance.md).
+# The worker stores pending Sentry envelopes several per transaction: at most this
+# many, and this much spooled (compressed) body beyond the first (docs/decisions.md).
 DRAIN_BATCHES = env_int("DRAIN_BATCHES", 100, minimum=1)
 DRAIN_BYTES = env_int("DRAIN_BYTES", 256 * 1024, minimum=1)
 # How long a web process gathers committed batches before it wakes a worker for them.

@@ -38,6 +38,22 @@ def test_pending_envelopes_are_stored_together_in_one_transaction(project):
     assert [IngestBatch.objects.get(pk=b.pk).summary["stored"] for b in batches] == [1] * 5
 
 
+def test_batches_of_run_events_keep_a_transaction_each(project):
+    # Their runs are locked while stored: two workers each holding many batches' runs
+    # would wait on each other.
+    from tests.conftest import ndjson, record
+
+    for i in range(3):
+        IngestBatch.spool(project, ndjson(record("a.b", slug=f"s{i}")), params={"run_id": f"r{i}"})
+
+    with CaptureQueriesContext(connection) as queries:
+        assert pipeline.drain("events") == 3
+
+    claims = [q for q in queries if "SKIP LOCKED" in q["sql"]]
+    assert len(claims) == 4  # one a batch, then the one that finds none
+    assert all("LIMIT 1" in q["sql"] for q in claims)
+
+
 def test_the_byte_budget_keeps_large_bodies_in_transactions_of_their_own(project, settings):
     settings.DRAIN_BYTES = 1
     for i in range(3):

@@ -160,9 +160,8 @@ def _store_several(kind: str) -> tuple[list[int], bool]:
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute("SET LOCAL synchronous_commit TO OFF")  # as in _store
-        batches, waiting = IngestBatch.objects.claim_pending(
-            kind, settings.DRAIN_BATCHES, settings.DRAIN_BYTES
-        )
+        limit = settings.DRAIN_BATCHES if receiver.shares_transactions else 1
+        batches, waiting = IngestBatch.objects.claim_pending(kind, limit, settings.DRAIN_BYTES)
         if not batches:
             return [], False
         bodies = IngestBatch.read_bodies(batches)

@@ -49,6 +49,11 @@ class Receiver:
     # Spooled receivers answer once the body is durable and a worker stores it; one
     # that is not (the browser beacon: one small row) stores before answering.
     spooled: bool = True
+    # Whether the worker stores several pending batches of this kind in one transaction
+    # (store_many). Worth it for one-event requests (Sentry); a batch of run events
+    # locks its runs, and two workers each holding many batches' runs wait on each
+    # other: events and OTLP keep a transaction a batch (docs/performance.md).
+    shares_transactions: bool = False
     # An idempotency key namespace, or "" when the protocol has none.
     idempotency_prefix: str | None = None
 

@@ -34,6 +34,7 @@ _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 class SentryReceiver(Receiver):
     kind = IngestBatch.Kind.SENTRY
+    shares_transactions = True  # SDKs send one event a request
 
     def max_bytes(self) -> int:
         return settings.SENTRY_MAX_BYTES
