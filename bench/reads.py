@@ -26,6 +26,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -45,6 +47,8 @@ BENCH_DB = "runlens_bench_reads"
 SMALL_DB = BENCH_DB + "_small"
 TARGET = 1.5
 START = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+EVERY = timedelta(seconds=20)  # a run starts every EVERY from START
+COPY_WRITE = 8 * 1024 * 1024  # bytes of events per COPY write
 CONCURRENT = 16  # runs whose events interleave on disk, as parallel agents' do
 
 
@@ -73,10 +77,24 @@ PHASES = ["ANALYZING", "PLANNING", "WORKING", "PR_OPEN"]
 TOOLS = ["tool.read_file", "tool.write_file", "tool.run_tests", "tool.grep"]
 
 
-def run_shape(i: int) -> dict:
+def fixed_few_live(i: int) -> bool:
+    """A fixed few live runs, whatever the table size."""
+    return i % 100 == 99 and i < 1000
+
+
+@dataclass(frozen=True)
+class Clock:
+    """When the seeded runs start (run i at start + i × every) and which stay live."""
+
+    start: datetime = START
+    every: timedelta = EVERY
+    live: Callable[[int], bool] = fixed_few_live
+
+
+def run_shape(i: int, clock: Clock = Clock()) -> dict:
     """Run number i (1-based): its slug, status and timing. Deterministic."""
-    started = START + timedelta(seconds=20 * i)
-    if i % 100 == 99 and i < 1000:  # a fixed few live runs, whatever the table size
+    started = clock.start + clock.every * i
+    if clock.live(i):
         status = "running"
     elif i % 500 == 250:
         status = "orphaned"
@@ -92,9 +110,9 @@ def run_shape(i: int) -> dict:
     }
 
 
-def run_events(i: int, per_run: int) -> list[tuple]:
+def run_events(i: int, per_run: int, clock: Clock = Clock()) -> list[tuple]:
     """(seq, ts, level, event, phase, message, data) rows of run i, Gitoma-shaped."""
-    shape = run_shape(i)
+    shape = run_shape(i, clock)
     t0 = shape["started"]
     rows = [(1, t0, "info", "run.begin", "", "", {"command": "run", "tags": ["bench"]})]
     finishes = shape["status"] not in ("running", "orphaned")
@@ -138,81 +156,98 @@ def _text(value) -> str:
     return str(value)
 
 
-def seed(url: str, first: int, last: int, per_run: int, project_id: int = 1) -> int:
-    """COPY runs first..last and their events; counters agree with the events."""
+def seed(
+    url: str, first: int, last: int, per_run: int, project_id: int = 1, clock: Clock = Clock()
+) -> int:
+    """COPY runs first..last and their events; counters agree with the events.
+
+    Runs and events stream through two connections at once, a group of runs at a
+    time, so ten million events never sit in memory."""
     now = datetime.now(UTC)
-    run_lines, event_chunks = io.StringIO(), []
     events_total = 0
-    for group in range(first, last + 1, CONCURRENT):
-        members = range(group, min(group + CONCURRENT, last + 1))
-        per = {i: run_events(i, per_run) for i in members}
-        for i, rows in per.items():
-            shape = run_shape(i)
-            finished = shape["status"] in ("succeeded", "failed")
-            last_ts = rows[-1][1]
-            llm = [r for r in rows if r[3] == "llm.call"]
-            fields = [
-                i,  # id, fixed so events can name it
-                project_id,
-                shape["run_id"],
-                shape["slug"],
-                "run",
-                shape["status"],
-                "DONE" if finished else rows[-1][4] or "WORKING",
-                10_000 + i % 30_000,
-                f"host-{i % 8}",
-                shape["started"],
-                last_ts if finished else None,
-                now if shape["status"] == "running" else last_ts,
-                last_ts,
-                finished,
-                (1 if shape["status"] == "failed" else 0) if finished else None,
-                None,
-                ["bench"],
-                {"work_rig": f"rig-{i % 5}"},
-                len(rows),
-                sum(1 for r in rows if r[2] == "error"),
-                sum(1 for r in rows if r[2] == "warn"),
-                sum(r[6]["tokens_in"] for r in llm),
-                sum(r[6]["tokens_out"] for r in llm),
-                f"{0.004 * len(llm):.6f}",
-                int((last_ts - shape["started"]).total_seconds() * 1000) if finished else None,
-                rows[-1][0],
-                shape["started"],
-            ]
-            run_lines.write("\t".join(_text(v) for v in fields) + "\n")
-        # Interleave the group's events by position: parallel agents write in turns.
-        buf = io.StringIO()
-        for k in range(per_run):
+    run_columns = (
+        "id, project_id, run_id, slug, kind, status, phase, pid, host, started_at,"
+        " finished_at, last_heartbeat, last_event_at, exit_clean, exit_code, parent_id,"
+        " tags, attributes, events_count, errors_count, warnings_count, tokens_in,"
+        " tokens_out, cost_usd, duration_ms, last_seq, created"
+    )
+    event_columns = (
+        "run_id, ts, seq, level, event, phase, message, data, request_id, trace_id, span_id"
+    )
+    with (
+        psycopg.connect(url) as runs_conn,
+        psycopg.connect(url) as events_conn,
+        runs_conn.cursor() as runs_cur,
+        events_conn.cursor() as events_cur,
+        runs_cur.copy(f"COPY runs_run ({run_columns}) FROM STDIN") as run_copy,
+        events_cur.copy(f"COPY runs_event ({event_columns}) FROM STDIN") as event_copy,
+    ):
+        run_lines, event_lines = io.StringIO(), io.StringIO()
+        for group in range(first, last + 1, CONCURRENT):
+            members = range(group, min(group + CONCURRENT, last + 1))
+            per = {i: run_events(i, per_run, clock) for i in members}
             for i, rows in per.items():
-                if k < len(rows):
-                    seq, ts, level, event, phase, message, data = rows[k]
-                    buf.write(
-                        f"{i}\t{ts.isoformat()}\t{seq}\t{level}\t{event}\t{phase}\t{message}"
-                        f"\t{_text(data)}\t\t\t\n"
-                    )
-                    events_total += 1
-        event_chunks.append(buf.getvalue())
-    with psycopg.connect(url) as conn, conn.cursor() as cur:
-        columns = (
-            "id, project_id, run_id, slug, kind, status, phase, pid, host, started_at,"
-            " finished_at, last_heartbeat, last_event_at, exit_clean, exit_code, parent_id,"
-            " tags, attributes, events_count, errors_count, warnings_count, tokens_in,"
-            " tokens_out, cost_usd, duration_ms, last_seq, created"
-        )
-        with cur.copy(f"COPY runs_run ({columns}) FROM STDIN") as copy:
-            copy.write(run_lines.getvalue())
-        cur.execute("SELECT setval(pg_get_serial_sequence('runs_run', 'id'), %s)", [last])
-        with cur.copy(
-            "COPY runs_event (run_id, ts, seq, level, event, phase, message, data,"
-            " request_id, trace_id, span_id) FROM STDIN"
-        ) as copy:
-            for chunk in event_chunks:
-                copy.write(chunk)
+                run_lines.write(
+                    "\t".join(_text(v) for v in run_fields(i, rows, project_id, now, clock)) + "\n"
+                )
+            # Interleave the group's events by position: parallel agents write in turns.
+            for k in range(per_run):
+                for i, rows in per.items():
+                    if k < len(rows):
+                        seq, ts, level, event, phase, message, data = rows[k]
+                        event_lines.write(
+                            f"{i}\t{ts.isoformat()}\t{seq}\t{level}\t{event}\t{phase}\t{message}"
+                            f"\t{_text(data)}\t\t\t\n"
+                        )
+                        events_total += 1
+            if event_lines.tell() > COPY_WRITE:
+                run_copy.write(run_lines.getvalue())
+                event_copy.write(event_lines.getvalue())
+                run_lines, event_lines = io.StringIO(), io.StringIO()
+        run_copy.write(run_lines.getvalue())
+        event_copy.write(event_lines.getvalue())
     with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT setval(pg_get_serial_sequence('runs_run', 'id'), %s)", [last])
         conn.execute("VACUUM ANALYZE runs_run")
         conn.execute("VACUUM ANALYZE runs_event")
     return events_total
+
+
+def run_fields(i: int, rows: list[tuple], project_id: int, now: datetime, clock: Clock) -> list:
+    """The runs_run columns of run i, its counters summed from its events."""
+    shape = run_shape(i, clock)
+    finished = shape["status"] in ("succeeded", "failed")
+    last_ts = rows[-1][1]
+    llm = [r for r in rows if r[3] == "llm.call"]
+    return [
+        i,  # id, fixed so events can name it
+        project_id,
+        shape["run_id"],
+        shape["slug"],
+        "run",
+        shape["status"],
+        "DONE" if finished else rows[-1][4] or "WORKING",
+        10_000 + i % 30_000,
+        f"host-{i % 8}",
+        shape["started"],
+        last_ts if finished else None,
+        now if shape["status"] == "running" else last_ts,
+        last_ts,
+        finished,
+        (1 if shape["status"] == "failed" else 0) if finished else None,
+        None,
+        ["bench"],
+        {"work_rig": f"rig-{i % 5}"},
+        len(rows),
+        sum(1 for r in rows if r[2] == "error"),
+        sum(1 for r in rows if r[2] == "warn"),
+        sum(r[6]["tokens_in"] for r in llm),
+        sum(r[6]["tokens_out"] for r in llm),
+        f"{0.004 * len(llm):.6f}",
+        int((last_ts - shape["started"]).total_seconds() * 1000) if finished else None,
+        rows[-1][0],
+        shape["started"],
+    ]
 
 
 def sizes(url: str) -> dict[str, str]:
@@ -256,27 +291,29 @@ def use(name: str) -> None:
     connection.settings_dict["NAME"] = name
 
 
-def login(client) -> None:
+def login(client, databases: tuple[str, str] = (SMALL_DB, BENCH_DB)) -> None:
     """The same operator in both databases: one password hash, a signed-cookie session."""
     from django.conf import settings
     from django.contrib.auth.models import User
 
     settings.SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
-    use(SMALL_DB)
+    use(databases[0])
     user = User.objects.create_user("bench", password="not-used-bench")
-    use(BENCH_DB)
+    use(databases[1])
     User.objects.create(pk=user.pk, username=user.username, password=user.password)
     client.force_login(user)
 
 
-def measure(client, requests, rounds: int, per_round: int) -> dict[tuple[str, str], dict]:
+def measure(
+    client, requests, rounds: int, per_round: int, databases: tuple[str, str] = (SMALL_DB, BENCH_DB)
+) -> dict[tuple[str, str], dict]:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
     times: dict[tuple[str, str], list[float]] = {}
     results: dict[tuple[str, str], dict] = {}
     for round_no in range(rounds):
-        for db in (SMALL_DB, BENCH_DB) if round_no % 2 == 0 else (BENCH_DB, SMALL_DB):
+        for db in databases if round_no % 2 == 0 else databases[::-1]:
             use(db)
             for name, url, headers in requests:
                 for _ in range(2):  # warm up: connection, caches, plans

@@ -206,6 +206,20 @@ def test_each_aggregate_is_three_queries_whatever_the_size(
         analytics.aggregate(points, "duration_ms", "avg", "slug")
 
 
+def test_grouping_by_slug_looks_up_each_points_run_instead_of_joining_every_run(
+    world, project, django_assert_num_queries
+):
+    # A join let PostgreSQL hash the whole runs table to label a day's points: 4x the
+    # time at 30 days of history as at 3 (docs/scaling.md). A lookup by the point's run
+    # id costs what the window holds.
+    points = analytics.points(RunMetric.objects.filter(project=project), "duration_ms")
+    with django_assert_num_queries(QUERIES) as captured:
+        analytics.aggregate(points, "duration_ms", "count", "slug")
+    sql = captured.captured_queries[-1]["sql"]
+    assert "JOIN" not in sql.upper()
+    assert 'WHERE U0."id" = ("runs_runmetric"."run_id")' in sql
+
+
 @pytest.mark.django_db(transaction=True)  # committed as in a request, so SET LOCAL ends
 def test_an_aggregate_runs_without_jit_and_with_room_to_sort(world, project, settings):
     # The settings hold for the aggregate's own transaction only.
