@@ -10,13 +10,14 @@ runs: a prune never holds long locks on the hot table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 from django.db import connection, transaction
 from django.utils import timezone
 
 from runs import partitions
-from runs.models import EventCount, Project, Run
+from runs.models import EventCount, Project, Run, RunMetric
 
 CHUNK = 200
 
@@ -39,12 +40,20 @@ def expired_run_ids(project: Project) -> list[int]:
         return [row[0] for row in cursor.fetchall()]
 
 
-def delete_runs(run_ids: list[int]) -> int:
+# What another app keeps per run and deletes with it (telemetry: spans), called with
+# each chunk of run ids inside its transaction: runs never imports telemetry.
+RunsDeleted = Callable[[list[int]], None]
+
+
+def delete_runs(run_ids: list[int], also: RunsDeleted | None = None) -> int:
     deleted = 0
     for start in range(0, len(run_ids), CHUNK):
         chunk = run_ids[start : start + CHUNK]
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute("DELETE FROM runs_event WHERE run_id = ANY(%s)", [chunk])
+            cursor.execute("DELETE FROM runs_runmetric WHERE run_id = ANY(%s)", [chunk])
+            if also is not None:
+                also(chunk)
             Run.objects.filter(parent_id__in=chunk).update(parent=None)
             deleted += Run.objects.filter(id__in=chunk).delete()[1].get("runs.Run", 0)
     return deleted
@@ -60,12 +69,17 @@ def drop_expired_partitions() -> list:
     return partitions.drop_before(timezone.now() - timedelta(days=keep))
 
 
-def prune_runs() -> dict[str, int]:
-    """Apply every project's run retention now. Returns runs deleted per project slug."""
+def prune_runs(also: RunsDeleted | None = None) -> dict[str, int]:
+    """Apply every project's run retention now. Returns runs deleted per project slug.
+
+    A run's events and metric points go with it (`also`: what other apps keep per
+    run). Metric points of no run (about the fleet) go by the project's maximum age.
+    """
     drop_expired_partitions()
     result = {}
     for project in Project.objects.all():
-        result[project.slug] = delete_runs(expired_run_ids(project))
+        result[project.slug] = delete_runs(expired_run_ids(project), also)
         cutoff = timezone.now() - timedelta(days=project.retention_max_age_days)
         EventCount.objects.filter(project=project, minute__lt=cutoff).delete()
+        RunMetric.objects.filter(project=project, run__isnull=True, recorded_at__lt=cutoff).delete()
     return result

@@ -11,9 +11,10 @@ from django.db import connection
 from django.utils import timezone
 
 from portal.logging import housekeeping_level
+from runs.models import Project
 from runs.retention import CHUNK, prune_runs
 from telemetry.health import record_retention
-from telemetry.models import ErrorGroup, ErrorReport, RefusalCount, SlugErrorCount
+from telemetry.models import ErrorGroup, ErrorReport, RefusalCount, SlugErrorCount, Span
 
 REPORT_CHUNK = 5000
 
@@ -22,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 def prune() -> dict[str, int]:
     """Apply every retention policy now. Returns runs deleted per project slug."""
-    result = prune_runs()
+    result = prune_runs(also=delete_spans_of_runs)
+    prune_spans_without_runs()
     reports = prune_error_reports()
     prune_alert_counts()
     logger.log(
@@ -33,6 +35,23 @@ def prune() -> dict[str, int]:
     )
     record_retention(result, reports)
     return result
+
+
+def delete_spans_of_runs(run_ids: list[int]) -> None:
+    """A pruned run's spans go with it (runs/retention.py calls this per chunk)."""
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM telemetry_span WHERE run_id = ANY(%s)", [run_ids])
+
+
+def prune_spans_without_runs() -> int:
+    """Spans that belong to no run (an exporter's spans before any run was named) go by
+    their project's maximum age."""
+    deleted = 0
+    for project in Project.objects.all():
+        cutoff = timezone.now() - timedelta(days=project.retention_max_age_days)
+        stale = Span.objects.filter(project=project, run__isnull=True, start_time__lt=cutoff)
+        deleted += stale.delete()[0]
+    return deleted
 
 
 def prune_alert_counts(now: datetime | None = None) -> int:

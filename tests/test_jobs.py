@@ -187,3 +187,47 @@ def test_retention_drops_runs_older_than_the_max_age(project, post_events):
     call_command("prune")
     assert list(Run.objects.values_list("run_id", flat=True)) == ["new"]
     assert Event.objects.count() == 2
+
+
+def test_a_pruned_run_takes_its_spans_and_metric_points_with_it(project, post_events, post_otlp):
+    from runs.models import RunMetric
+    from telemetry.models import Span
+    from tests.fixtures.otlp.payloads import ROOT, span, traces_request
+
+    post_events(ndjson(record("run.begin"), record("run.exit_clean")), run_id="old")
+    post_events(ndjson(record("run.begin"), record("run.exit_clean")), run_id="new")
+    old, new = Run.objects.get(run_id="old"), Run.objects.get(run_id="new")
+    post_otlp("traces", traces_request(span("agent.run", ROOT)))
+    Span.objects.update(run=old)
+    span = Span.objects.first()
+    span.pk, span.span_id, span.run = None, "f" * 16, new
+    span.save()
+    for run in (old, new):
+        RunMetric.objects.create(project=project, run=run, name="duration_ms", value=1)
+    Run.objects.filter(run_id="old").update(created=timezone.now() - timedelta(days=31))
+
+    call_command("prune")
+
+    assert set(Span.objects.values_list("run__run_id", flat=True)) == {"new"}
+    assert list(RunMetric.objects.values_list("run__run_id", flat=True)) == ["new"]
+
+
+def test_spans_and_points_of_no_run_age_out_with_the_projects_maximum_age(project, post_otlp):
+    from runs.models import RunMetric
+    from telemetry.models import Span
+    from tests.fixtures.otlp.payloads import ROOT, span, traces_request
+
+    post_otlp("traces", traces_request(span("agent.run", ROOT)))
+    Span.objects.update(run=None)
+    old = timezone.now() - timedelta(days=31)
+    young = Span.objects.first()
+    young.pk, young.span_id, young.start_time = None, "e" * 16, timezone.now()
+    young.save()
+    Span.objects.exclude(pk=young.pk).update(start_time=old)
+    RunMetric.objects.create(project=project, name="fleet.size", value=3, recorded_at=old)
+    RunMetric.objects.create(project=project, name="fleet.size", value=4)
+
+    call_command("prune")
+
+    assert list(Span.objects.values_list("pk", flat=True)) == [young.pk]
+    assert list(RunMetric.objects.values_list("value", flat=True)) == [4.0]
