@@ -34,15 +34,13 @@ class IngestBatchQuerySet(models.QuerySet):
             .first()
         )
 
-    def claim_pending(
-        self, kind: str, limit: int, max_bytes: int
-    ) -> tuple[list[IngestBatch], bool]:
+    def claim_pending(self, kind: str, limit: int, max_bytes: int) -> list[IngestBatch]:
         """Lock the oldest pending batches of one kind that no other worker holds, for
         this transaction: at most `limit`, and no more than `max_bytes` of spooled
         (compressed) body after the first, so that small requests (one Sentry event, an
         exporter's few spans) share a transaction and large ones do not pile up in
         memory. Batches locked beyond the budget are released at the end of the
-        transaction for the next round. Also says whether more are waiting."""
+        transaction for the next round."""
         locked = list(
             self.select_for_update(skip_locked=True, of=("self",))
             .select_related("project")
@@ -57,7 +55,12 @@ class IngestBatchQuerySet(models.QuerySet):
             if claimed and total > max_bytes:
                 break
             claimed.append(batch)
-        return claimed, len(locked) > len(claimed) or len(locked) == limit
+        return claimed
+
+    def pending_after(self, kind: str, batch_id: int) -> bool:
+        """Whether a batch of `kind` newer than `batch_id` waits (another worker may
+        hold it: a hint, not a claim)."""
+        return self.filter(kind=kind, state=IngestBatch.State.PENDING, id__gt=batch_id).exists()
 
     def mark_done(self, batches: list[IngestBatch], stored: list[int]) -> None:
         """Several batches stored in this transaction: one statement (see

@@ -32,6 +32,16 @@ def eager_celery():
 
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (no browser download)
+
+
+def redis_url(db: int) -> str:
+    """A Redis database of the tests' own: under pytest-xdist each test process gets
+    its own numbers (db, db - 5, …), so two real workers never share a queue."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    return f"redis://127.0.0.1:6379/{db - 5 * index}"
+
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from tests.conftest import ndjson, record
+from tests.conftest import ndjson, record, redis_url
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "requirements.txt"
@@ -50,7 +50,7 @@ POSTGRES_URL = os.environ.get(
 )
 # Redis database 12: 13, 14 and 15 belong to other tests and the benchmark.
 BROKERS = {
-    "redis": os.environ.get("TEST_PRODUCTION_REDIS_URL", "redis://127.0.0.1:6379/12"),
+    "redis": os.environ.get("TEST_PRODUCTION_REDIS_URL") or redis_url(12),
     "amqp": os.environ.get("TEST_PRODUCTION_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
 }
 DEFAULT_PORTS = {"postgresql": 5432, "redis": 6379, "amqp": 5672}

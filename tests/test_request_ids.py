@@ -15,10 +15,10 @@ from portal import celery as portal_celery
 from portal.celery import app as celery_app
 from portal.logging import JsonFormatter, RequestIdFilter, request_id_var
 from telemetry.models import ErrorReport
-from tests.conftest import ndjson, record
+from tests.conftest import ndjson, record, redis_url
 from tests.test_worker import celery_worker, use_broker, wait_for
 
-REDIS_URL = os.environ.get("TEST_REQUEST_IDS_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = os.environ.get("TEST_REQUEST_IDS_REDIS_URL") or redis_url(13)
 
 
 def as_json(rec: logging.LogRecord) -> dict:

@@ -29,14 +29,14 @@ from portal.management.commands.serve import Command as Serve
 from runs.models import Event, Run
 from telemetry import tasks
 from telemetry.models import IngestBatch, WorkerHeartbeat
-from tests.conftest import ndjson, record
+from tests.conftest import ndjson, record, redis_url
 from tests.test_serve import free_port
 from tests.test_worker import ROOT, database_url, use_broker, wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
 # Redis database 11: 12 to 15 belong to other tests and the benchmark.
-REDIS_URL = os.environ.get("TEST_ROLES_REDIS_URL", "redis://127.0.0.1:6379/11")
+REDIS_URL = os.environ.get("TEST_ROLES_REDIS_URL") or redis_url(11)
 
 
 def get(url: str, cookie: str = "") -> tuple[int, str]:

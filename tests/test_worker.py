@@ -24,9 +24,9 @@ from django.db import connection
 from portal.celery import app as celery_app
 from runs.models import Event, Run
 from telemetry.models import IngestBatch
-from tests.conftest import ndjson, record
+from tests.conftest import ndjson, record, redis_url
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = os.environ.get("TEST_REDIS_URL") or redis_url(14)
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]

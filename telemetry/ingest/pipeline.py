@@ -138,7 +138,7 @@ def drain(kind: str, more: Callable[[], object] | None = None) -> int:
     while True:
         try:
             with gc_paused():
-                ids, waiting = _store_several(kind)
+                ids = _store_several(kind)
         except Exception:
             logger.warning("a group of %s batches failed; storing them one by one", kind)
             ids = _pending_ids(kind)
@@ -150,20 +150,20 @@ def drain(kind: str, more: Callable[[], object] | None = None) -> int:
             return done
         if not ids:
             return done
-        if waiting and more is not None and not done:
+        if more is not None and not done and IngestBatch.objects.pending_after(kind, ids[-1]):
             more()
         done += len(ids)
 
 
-def _store_several(kind: str) -> tuple[list[int], bool]:
+def _store_several(kind: str) -> list[int]:
     receiver = RECEIVERS[kind]
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute("SET LOCAL synchronous_commit TO OFF")  # as in _store
         limit = settings.DRAIN_BATCHES if receiver.shares_transactions else 1
-        batches, waiting = IngestBatch.objects.claim_pending(kind, limit, settings.DRAIN_BYTES)
+        batches = IngestBatch.objects.claim_pending(kind, limit, settings.DRAIN_BYTES)
         if not batches:
-            return [], False
+            return []
         bodies = IngestBatch.read_bodies(batches)
         # Log lines written while storing name the request that spooled the first.
         token = request_id_var.set(batches[0].request_id)
@@ -172,7 +172,7 @@ def _store_several(kind: str) -> tuple[list[int], bool]:
         finally:
             request_id_var.reset(token)
         IngestBatch.objects.mark_done(batches, stored)
-        return [batch.pk for batch in batches], waiting
+        return [batch.pk for batch in batches]
 
 
 def _pending_ids(kind: str) -> list[int]:
