@@ -142,7 +142,9 @@ SELECT
   (SELECT count(*) FROM telemetry_errorreport
      WHERE received_at >= %(day_ago)s AND source <> 'event'),
   (SELECT count(*) FROM telemetry_ingestbatch WHERE state = 'pending'),
-  (SELECT min(received_at) FROM telemetry_ingestbatch WHERE state = 'pending')
+  (SELECT min(received_at) FROM telemetry_ingestbatch WHERE state = 'pending'),
+  (SELECT coalesce(sum(octet_length(body)), 0)::bigint FROM telemetry_ingestbatch
+     WHERE state = 'pending')
 """
 
 EMPTY_METRICS = {
@@ -153,6 +155,8 @@ EMPTY_METRICS = {
     "errors_last_24h": None,
     "ingest_backlog": None,
     "oldest_pending_batch_s": None,
+    "ingest_backlog_bytes": None,
+    "ingest_backlog_max_bytes": None,
 }
 
 
@@ -169,7 +173,8 @@ def counters(now: datetime | None = None) -> dict:
         with connection.cursor() as cursor:
             cursor.execute(f"SET LOCAL statement_timeout = {COUNTER_TIMEOUT_MS}")
             cursor.execute(_COUNTERS_SQL, {"day_ago": now - timedelta(hours=24), "now": now})
-            total, active, events, error_events, reports, backlog, oldest = cursor.fetchone()
+            row = cursor.fetchone()
+            total, active, events, error_events, reports, backlog, oldest, backlog_bytes = row
         orphaned = Run.objects.orphans(now).count()
     return {
         "runs_total": total,
@@ -181,6 +186,9 @@ def counters(now: datetime | None = None) -> dict:
         "oldest_pending_batch_s": (
             max(0, int((now - oldest).total_seconds())) if oldest is not None else 0
         ),
+        # Backpressure (docs/reliability.md): past the bound, write requests are refused.
+        "ingest_backlog_bytes": backlog_bytes,
+        "ingest_backlog_max_bytes": settings.BACKLOG_MAX_BYTES,
     }
 
 
@@ -372,12 +380,46 @@ def skipped_envelope_items(limit: int = 50) -> list[dict]:
     )
 
 
+def backlog_context(limit: int = 20) -> dict:
+    """The spool's backlog for the status page: in all and for the projects that have
+    one, largest first, each against its bound and whether it is refused now."""
+    from runs.models import Project
+    from telemetry.ingest import backlog
+
+    reading = backlog.read()
+    largest = sorted(reading.projects.values(), key=lambda p: p.bytes, reverse=True)[:limit]
+    names = dict(
+        Project.objects.filter(pk__in=[p.project_id for p in largest]).values_list("pk", "name")
+    )
+    per_project = settings.BACKLOG_MAX_BYTES_PER_PROJECT
+    return {
+        "batches": reading.batches,
+        "bytes": reading.bytes,
+        "max_bytes": settings.BACKLOG_MAX_BYTES,
+        "max_bytes_per_project": per_project,
+        "percent": min(100, round(100 * reading.bytes / settings.BACKLOG_MAX_BYTES)),
+        "full": reading.full,
+        "projects": [
+            {
+                "name": names.get(p.project_id, f"project {p.project_id}"),
+                "batches": p.batches,
+                "bytes": p.bytes,
+                "oldest_s": max(0, int((reading.read_at - p.oldest).total_seconds())),
+                "percent": min(100, round(100 * p.bytes / per_project)),
+                "refused": reading.refuses(p.project_id) is not None,
+            }
+            for p in largest
+        ],
+    }
+
+
 def status_context() -> dict:
     body, code = report()
     context = {"health": body, "db_down": code == 503, "now": timezone.now()}
     if code == 503:
         return context
     context.update(
+        backlog=backlog_context(),
         workers=workers(),
         last_batch=last_processed_batch(),
         retention=last_retention(),

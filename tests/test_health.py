@@ -27,6 +27,9 @@ METRIC_KEYS = {
     "errors_last_24h",
     "ingest_backlog",
     "oldest_pending_batch_s",
+    # Backpressure (docs/reliability.md), beyond the SPEC's keys.
+    "ingest_backlog_bytes",
+    "ingest_backlog_max_bytes",
 }
 
 
@@ -103,6 +106,8 @@ def test_it_counts_a_small_world(client, world):
         "errors_last_24h": 2,  # the error event of today and the beacon report
         "ingest_backlog": 1,
         "oldest_pending_batch_s": pytest.approx(120, abs=5),
+        "ingest_backlog_bytes": 0,  # the pending batch of this world has an empty body
+        "ingest_backlog_max_bytes": 512 * 1024 * 1024,
     }
 
 
