@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -224,7 +225,12 @@ def event_lines(run: Run, f: EventFilters) -> Iterator[bytes]:
                 "event": event,
                 "data": data,
             }
-            chunk.append(orjson.dumps(record))
+            try:
+                chunk.append(orjson.dumps(record))
+            except TypeError:
+                # JSONB may hold integers wider than 64 bits, which orjson refuses (and
+                # the stream used to break off there); the stdlib writes them.
+                chunk.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode())
         yield b"\n".join(chunk) + b"\n"
         after = page[-1][0]
         if remaining is not None:

@@ -174,3 +174,18 @@ def test_openapi_documents_every_endpoint(client):
         assert path in paths, path
     assert "application/x-protobuf" in paths["/v1/traces"]["post"]["requestBody"]["content"]
     assert "application/x-ndjson" in paths["/api/ingest/events"]["post"]["requestBody"]["content"]
+
+
+def test_jsonl_and_json_give_back_numbers_jsonb_writes_wider_than_64_bits(
+    client, token, post_events
+):
+    # Found by the round-trip property (tests/test_fuzz_receivers.py): PostgreSQL writes
+    # 1e20 as 100000000000000000000, an integer orjson cannot write, and the export
+    # stream broke off at it.
+    line = b'{"ts":"2026-04-21T05:12:34Z","slug":"s","event":"a.b","data":{"n":1e20}}\n'
+    assert post_events(line, run_id="wide").status_code == 202
+    response = client.get("/api/runs/wide/events?format=jsonl", **auth(token))
+    assert json.loads(b"".join(response.streaming_content))["data"] == {"n": 10**20}
+    response = client.get("/api/runs/wide/events", **auth(token))
+    assert response.status_code == 200
+    assert response.json()["items"][0]["data"] == {"n": 10**20}
