@@ -238,7 +238,7 @@ WAKE_DELAY_MS = env_int("WAKE_DELAY_MS", 20, minimum=0)
 # write requests are refused with Retry-After (503, or 429 for Sentry SDKs), per project
 # and for the whole installation, so that a burst can never fill the disk.
 BACKLOG_MAX_BYTES_PER_PROJECT = env_int(
-    "BACKLOG_MAX_BYTES_PER_PROJECT", 128 * 1024 * 1024, minimum=1
+    "BACKLOG_MAX_BYTES_PER_PROJECT", 64 * 1024 * 1024, minimum=1
 )
 BACKLOG_MAX_BYTES = env_int("BACKLOG_MAX_BYTES", 512 * 1024 * 1024, minimum=1)
 BACKLOG_RETRY_AFTER_SECONDS = env_int("BACKLOG_RETRY_AFTER_SECONDS", 10, minimum=1)
