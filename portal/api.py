@@ -71,7 +71,10 @@ def _otlp_path(signal: str, request: str, rejected: str) -> dict:
                 "413": {"description": f"larger than OTLP_MAX_BYTES once decompressed: {status}"},
                 "415": {"description": "unknown Content-Type or Content-Encoding"},
                 "429": {"description": "project rate limit; Retry-After"},
-                "503": {"description": "the spool could not take the request; Retry-After"},
+                "503": {
+                    "description": "the spool could not take the request, or its backlog is "
+                    "past its bound (docs/reliability.md); Retry-After"
+                },
             },
         }
     }
@@ -120,8 +123,9 @@ def _sentry_path(endpoint: str, body: str) -> dict:
                 "413": {"description": f"larger than SENTRY_MAX_BYTES once decompressed: {answer}"},
                 "415": {"description": "unknown Content-Encoding"},
                 "429": {
-                    "description": "project rate limit; Retry-After and X-Sentry-Rate-Limits "
-                    "(`<seconds>::project:quota_exceeded`)"
+                    "description": "project rate limit, or the spool's backlog past its "
+                    "bound; Retry-After and X-Sentry-Rate-Limits "
+                    "(`<seconds>::project:quota_exceeded` or `…:backlog`)"
                 },
                 "503": {"description": "the spool could not take the request; Retry-After"},
             },

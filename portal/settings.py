@@ -260,6 +260,14 @@ DRAIN_BATCHES = env_int("DRAIN_BATCHES", 100, minimum=1)
 DRAIN_BYTES = env_int("DRAIN_BYTES", 256 * 1024, minimum=1)
 # How long a web process gathers committed batches before it wakes a worker for them.
 WAKE_DELAY_MS = env_int("WAKE_DELAY_MS", 20, minimum=0)
+# Backpressure (docs/reliability.md): spooled bytes waiting for a worker past which
+# write requests are refused with Retry-After (503, or 429 for Sentry SDKs), per project
+# and for the whole installation, so that a burst can never fill the disk.
+BACKLOG_MAX_BYTES_PER_PROJECT = env_int(
+    "BACKLOG_MAX_BYTES_PER_PROJECT", 64 * 1024 * 1024, minimum=1
+)
+BACKLOG_MAX_BYTES = env_int("BACKLOG_MAX_BYTES", 512 * 1024 * 1024, minimum=1)
+BACKLOG_RETRY_AFTER_SECONDS = env_int("BACKLOG_RETRY_AFTER_SECONDS", 10, minimum=1)
 
 # --- Front-end beacon, rate limits, error groups -----------------------------
 # POST /api/frontend-log: body limit after decompression (413 beyond), and

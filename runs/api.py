@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 import orjson
@@ -151,6 +152,21 @@ class RunFilters(Schema):
     role: str = Field("", max_length=200, description="work context: attributes['gt.role']")
     agent: str = Field("", max_length=200, description="work context: attributes['gt.agent']")
     cursor: int | None = Field(None, description="next_cursor of the previous page")
+
+    @field_validator("since", "until")
+    @classmethod
+    def in_utc(cls, value: datetime | None) -> datetime | None:
+        # PostgreSQL refuses offsets beyond ±15:59, which Python reads (up to ±23:59):
+        # such a time reached the query as sent and failed it with a 500.
+        if value is None or value.tzinfo is UTC:
+            return value
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("year out of range once in UTC") from None
+
     limit: int = Field(50, ge=1, le=1000)
 
 
@@ -298,7 +314,12 @@ def event_lines(run: Run, f: EventFilters) -> Iterator[bytes]:
                 "event": event,
                 "data": data,
             }
-            chunk.append(orjson.dumps(record))
+            try:
+                chunk.append(orjson.dumps(record))
+            except TypeError:
+                # JSONB may hold integers wider than 64 bits, which orjson refuses (and
+                # the stream used to break off there); the stdlib writes them.
+                chunk.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode())
         yield b"\n".join(chunk) + b"\n"
         after = page[-1][0]
         if remaining is not None:

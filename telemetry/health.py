@@ -143,7 +143,9 @@ SELECT
      WHERE received_at >= %(day_ago)s AND source <> 'event'),
   (SELECT count(*) FROM telemetry_ingestbatch WHERE state = 'pending'),
   (SELECT min(received_at) FROM telemetry_ingestbatch WHERE state = 'pending'),
-  (SELECT count(*) FROM telemetry_workerheartbeat WHERE seen_at >= %(worker_recent)s)
+  (SELECT count(*) FROM telemetry_workerheartbeat WHERE seen_at >= %(worker_recent)s),
+  (SELECT coalesce(sum(octet_length(body)), 0)::bigint FROM telemetry_ingestbatch
+     WHERE state = 'pending')
 """
 
 EMPTY_METRICS = {
@@ -155,6 +157,8 @@ EMPTY_METRICS = {
     "ingest_backlog": None,
     "oldest_pending_batch_s": None,
     "workers_seen": None,
+    "ingest_backlog_bytes": None,
+    "ingest_backlog_max_bytes": None,
 }
 
 
@@ -178,9 +182,9 @@ def counters(now: datetime | None = None) -> dict:
                     "worker_recent": now - timedelta(seconds=WORKER_RECENT_S),
                 },
             )
-            (total, active, events, error_events, reports, backlog, oldest, seen) = (
-                cursor.fetchone()
-            )
+            row = cursor.fetchone()
+            total, active, events, error_events, reports, backlog, oldest, seen = row[:8]
+            backlog_bytes = row[8]
         orphaned = Run.objects.orphans(now).count()
     return {
         "runs_total": total,
@@ -193,6 +197,9 @@ def counters(now: datetime | None = None) -> dict:
             max(0, int((now - oldest).total_seconds())) if oldest is not None else 0
         ),
         "workers_seen": seen,
+        # Backpressure (docs/reliability.md): past the bound, write requests are refused.
+        "ingest_backlog_bytes": backlog_bytes,
+        "ingest_backlog_max_bytes": settings.BACKLOG_MAX_BYTES,
     }
 
 
@@ -405,12 +412,46 @@ def skipped_envelope_items(limit: int = 50) -> list[dict]:
     )
 
 
+def backlog_context(limit: int = 20) -> dict:
+    """The spool's backlog for the status page: in all and for the projects that have
+    one, largest first, each against its bound and whether it is refused now."""
+    from runs.models import Project
+    from telemetry.ingest import backlog
+
+    reading = backlog.read()
+    largest = sorted(reading.projects.values(), key=lambda p: p.bytes, reverse=True)[:limit]
+    names = dict(
+        Project.objects.filter(pk__in=[p.project_id for p in largest]).values_list("pk", "name")
+    )
+    per_project = settings.BACKLOG_MAX_BYTES_PER_PROJECT
+    return {
+        "batches": reading.batches,
+        "bytes": reading.bytes,
+        "max_bytes": settings.BACKLOG_MAX_BYTES,
+        "max_bytes_per_project": per_project,
+        "percent": min(100, round(100 * reading.bytes / settings.BACKLOG_MAX_BYTES)),
+        "full": reading.full,
+        "projects": [
+            {
+                "name": names.get(p.project_id, f"project {p.project_id}"),
+                "batches": p.batches,
+                "bytes": p.bytes,
+                "oldest_s": max(0, int((reading.read_at - p.oldest).total_seconds())),
+                "percent": min(100, round(100 * p.bytes / per_project)),
+                "refused": reading.refuses(p.project_id) is not None,
+            }
+            for p in largest
+        ],
+    }
+
+
 def status_context() -> dict:
     body, code = report()
     context = {"health": body, "db_down": code == 503, "now": timezone.now()}
     if code == 503:
         return context
     context.update(
+        backlog=backlog_context(),
         workers=workers(),
         last_batch=last_processed_batch(),
         retention=last_retention(),

@@ -80,6 +80,17 @@ class IngestBatchQuerySet(models.QuerySet):
             state=IngestBatch.State.FAILED
         )
 
+    def backlog(self) -> list[tuple[int, int, int, datetime]]:
+        """(project id, batches, spooled bytes, oldest received_at) of every project with
+        pending batches: what backpressure weighs (telemetry/ingest/backlog.py).
+
+        Reads only the pending rows (the partial index `batch_pending`), whose number the
+        bound itself keeps small; `octet_length` of a stored body is read from its
+        header, without decompressing or fetching it from TOAST."""
+        with connection.cursor() as cursor:
+            cursor.execute(_BACKLOG_SQL)
+            return cursor.fetchall()
+
     def stale_pending(self, older_than: int | None = None, limit: int = 1000) -> list[int]:
         """Ids of batches pending for longer than a worker should need."""
         seconds = older_than if older_than is not None else settings.SWEEP_PENDING_AFTER_SECONDS
@@ -90,6 +101,12 @@ class IngestBatchQuerySet(models.QuerySet):
             .values_list("id", flat=True)[:limit]
         )
 
+
+_BACKLOG_SQL = """
+SELECT project_id, count(*), coalesce(sum(octet_length(body)), 0)::bigint, min(received_at)
+FROM telemetry_ingestbatch WHERE state = 'pending'
+GROUP BY project_id
+"""
 
 _MARK_DONE_SQL = """
 UPDATE telemetry_ingestbatch AS b

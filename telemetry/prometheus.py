@@ -201,11 +201,17 @@ def state_families() -> Iterator[Metric]:
     now = timezone.now()
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT count(*), min(received_at) FROM telemetry_ingestbatch WHERE state = 'pending'"
+            "SELECT count(*), min(received_at), coalesce(sum(octet_length(body)), 0)"
+            " FROM telemetry_ingestbatch WHERE state = 'pending'"
         )
-        backlog, oldest = cursor.fetchone()
+        backlog, oldest, backlog_bytes = cursor.fetchone()
     yield GaugeMetricFamily(
         "runlens_ingest_backlog", "Batches spooled and waiting for a worker.", value=backlog
+    )
+    yield GaugeMetricFamily(
+        "runlens_ingest_backlog_bytes",
+        "Spooled bytes waiting for a worker; writes are refused past BACKLOG_MAX_BYTES.",
+        value=backlog_bytes,
     )
     yield GaugeMetricFamily(
         "runlens_ingest_oldest_pending_seconds",

@@ -28,6 +28,9 @@ METRIC_KEYS = {
     "ingest_backlog",
     "oldest_pending_batch_s",
     "workers_seen",
+    # Backpressure (docs/reliability.md), beyond the SPEC's keys.
+    "ingest_backlog_bytes",
+    "ingest_backlog_max_bytes",
 }
 
 
@@ -105,6 +108,8 @@ def test_it_counts_a_small_world(client, world):
         "ingest_backlog": 1,
         "oldest_pending_batch_s": pytest.approx(120, abs=5),
         "workers_seen": 0,
+        "ingest_backlog_bytes": 0,  # the pending batch of this world has an empty body
+        "ingest_backlog_max_bytes": 512 * 1024 * 1024,
     }
 
 

@@ -240,6 +240,7 @@ FAMILIES = {  # the table in docs/operations.md: name (OpenMetrics), type, label
     "runlens_ingest_items_stored": ("counter", {"endpoint"}),
     "runlens_ingest_batch_latency_seconds": ("histogram", {"endpoint", "le"}),
     "runlens_ingest_backlog": ("gauge", set()),
+    "runlens_ingest_backlog_bytes": ("gauge", set()),
     "runlens_ingest_oldest_pending_seconds": ("gauge", set()),
     "runlens_runs_orphaned": ("gauge", set()),
     "runlens_runs": ("gauge", {"project", "slug", "status"}),

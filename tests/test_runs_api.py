@@ -38,6 +38,20 @@ def test_it_filters_runs(client, token, post_events):
     assert client.get("/api/runs?limit=5000", **auth(token)).status_code == 400
 
 
+def test_times_with_offsets_postgresql_refuses_are_read_in_utc_not_a_500(
+    client, token, post_events
+):
+    # Found by the API fuzzing (tests/test_api_contract.py): +20:31 is a time Python
+    # reads and PostgreSQL refuses; it reached the query as sent and failed it.
+    post_events(ndjson(record("run.begin", ts="2026-04-21T05:12:34Z")), run_id="r")
+    since = client.get("/api/runs", {"since": "2026-04-21T23:00:00+20:31"}, **auth(token))
+    assert since.status_code == 200
+    assert [r["run_id"] for r in since.json()["items"]] == ["r"]  # 02:29 UTC, before it
+    until = client.get("/api/runs", {"until": "0001-01-01T00:00:00+20:31"}, **auth(token))
+    assert until.status_code == 400
+    assert "year out of range" in until.content.decode()
+
+
 def test_a_token_sees_only_its_own_projects_runs(client, token, stranger, post_events):
     post_events(ndjson(record("run.begin")), run_id="ours")
     _, their_token = stranger
@@ -160,3 +174,18 @@ def test_openapi_documents_every_endpoint(client):
         assert path in paths, path
     assert "application/x-protobuf" in paths["/v1/traces"]["post"]["requestBody"]["content"]
     assert "application/x-ndjson" in paths["/api/ingest/events"]["post"]["requestBody"]["content"]
+
+
+def test_jsonl_and_json_give_back_numbers_jsonb_writes_wider_than_64_bits(
+    client, token, post_events
+):
+    # Found by the round-trip property (tests/test_fuzz_receivers.py): PostgreSQL writes
+    # 1e20 as 100000000000000000000, an integer orjson cannot write, and the export
+    # stream broke off at it.
+    line = b'{"ts":"2026-04-21T05:12:34Z","slug":"s","event":"a.b","data":{"n":1e20}}\n'
+    assert post_events(line, run_id="wide").status_code == 202
+    response = client.get("/api/runs/wide/events?format=jsonl", **auth(token))
+    assert json.loads(b"".join(response.streaming_content))["data"] == {"n": 10**20}
+    response = client.get("/api/runs/wide/events", **auth(token))
+    assert response.status_code == 200
+    assert response.json()["items"][0]["data"] == {"n": 10**20}

@@ -1,6 +1,7 @@
 """The write path, in the order a request travels it.
 
-1. `pipeline.accept` (request): the receiver authenticates, `portal.http.read_body`
+1. `pipeline.accept` (request): the receiver authenticates, `backlog` refuses it
+   while the spool is past its bound (backpressure), `portal.http.read_body`
    reads within the receiver's limit, the receiver judges, `IngestBatch.spool`
    makes the body durable, the receiver answers.
 2. `telemetry.tasks.process_batch` → `pipeline.process` (worker): claim the batch,

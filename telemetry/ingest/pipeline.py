@@ -1,6 +1,7 @@
 """The one way in: every spooled protocol's request and worker halves.
 
-Request (`accept`): authenticate → read the body within the receiver's limit,
+Request (`accept`): authenticate → refuse while the spool is past its bound
+(telemetry/ingest/backlog.py) → read the body within the receiver's limit,
 decompressing while streaming → judge → spool durably (IngestBatch) → answer. A 2xx
 is only ever sent for a body committed to PostgreSQL (a receiver that is not spooled,
 the browser beacon, commits its row before answering).
@@ -24,6 +25,7 @@ from django.http import HttpRequest, HttpResponse
 
 from portal.http import BodyError, read_body
 from portal.logging import request_id_var
+from telemetry.ingest import backlog
 from telemetry.ingest.receiver import Receiver, Refusal, Verdict
 from telemetry.models import IngestBatch
 from telemetry.receivers import RECEIVERS
@@ -42,6 +44,9 @@ def accept(request: HttpRequest, receiver: Receiver) -> HttpResponse:
             earlier = IngestBatch.objects.filter(project=project, idempotency_key=key).first()
             if earlier is not None:
                 return receiver.answer(request, _replayed(earlier), earlier)
+        if receiver.spooled and (reason := backlog.refusal(project.pk)):
+            # Before the body is read: a refused request costs the portal almost nothing.
+            raise receiver.overloaded(reason, settings.BACKLOG_RETRY_AFTER_SECONDS)
         encoding = request.headers.get("Content-Encoding", "")
         raw: list[bytes] = []
         body = read_body(request, encoding, receiver.max_bytes(), raw)

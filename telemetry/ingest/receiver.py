@@ -79,6 +79,14 @@ class Receiver:
             return Status(400, {"detail": detail, **verdict.summary, "batch": None})
         return Status(202, {**batch.summary, "batch": batch.id})
 
+    def overloaded(self, reason: str, retry_after: int) -> Refusal:
+        """The refusal of a request while the spool is past its bound
+        (telemetry/ingest/backlog.py): 503 with Retry-After, which OTLP exporters and
+        HTTP clients retry after waiting. Sentry says it with a 429 instead."""
+        return Refusal(
+            503, f"{reason}; retry after {retry_after} s", {"Retry-After": str(retry_after)}
+        )
+
     def refuse(self, request: HttpRequest, refusal: Refusal) -> HttpResponse:
         response = JsonResponse({"detail": refusal.message}, status=refusal.status)
         for name, value in refusal.headers.items():

@@ -111,6 +111,18 @@ class SentryReceiver(Receiver):
         event_id = verdict.summary.get("id") or uuid.uuid4().hex
         return self._respond(request, JsonResponse({"id": event_id}))
 
+    def overloaded(self, reason: str, retry_after: int) -> Refusal:
+        # Relay answers 503 when its buffer is full, and SDKs then keep sending every
+        # event; a 429 with X-Sentry-Rate-Limits makes them pause for Retry-After.
+        return Refusal(
+            429,
+            f"{reason}; retry after {retry_after} s",
+            {
+                "Retry-After": str(retry_after),
+                "X-Sentry-Rate-Limits": f"{retry_after}::project:backlog",
+            },
+        )
+
     def refuse(self, request: HttpRequest, refusal: Refusal) -> HttpResponse:
         response = JsonResponse({"detail": refusal.message}, status=refusal.status)
         for name, value in refusal.headers.items():
