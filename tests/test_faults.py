@@ -43,6 +43,7 @@ PAUSE_S = 0.1  # between a client's batches: a steady load the worker keeps up w
 MAX_BATCHES = 3000  # a bound on the client, whatever happens
 STEADY_BACKLOG = 10  # pending batches under steady load, waiting for their wake-up
 RETRY_AFTER_CAP_S = 5.0
+GIVE_UP_AFTER_S = 120  # a batch; so that the test ends even if the portal never comes back
 
 
 class OwnPostgres:
@@ -144,8 +145,12 @@ class Load:
             time.sleep(PAUSE_S)
 
     def post(self, run_id: str, body: bytes) -> None:
-        pause = 0.2
+        pause, deadline = 0.2, time.monotonic() + GIVE_UP_AFTER_S
         while True:
+            if time.monotonic() > deadline:
+                with self.lock:
+                    self.failed[run_id] = f"no 2xx within {GIVE_UP_AFTER_S} s"
+                return
             request = urllib.request.Request(
                 f"http://127.0.0.1:{self.port}/api/ingest/events?run_id={run_id}",
                 data=body,
@@ -322,7 +327,7 @@ def test_every_event_is_stored_once_through_worker_broker_database_and_web_fault
 
     load = Load(port, token)
     backlog = Backlog(pg)
-    clients = [threading.Thread(target=load.run, args=(n,)) for n in range(CLIENTS)]
+    clients = [threading.Thread(target=load.run, args=(n,), daemon=True) for n in range(CLIENTS)]
     started = time.monotonic()
     backlog.start()
     for thread in clients:
@@ -351,13 +356,13 @@ def test_every_event_is_stored_once_through_worker_broker_database_and_web_fault
 
         # 1. A pool process SIGKILLed while its transaction is open (mid-batch).
         (worker,) = children(serve_proc.pid, " worker ")
-        figures = fault("pool process killed mid-batch")
         victim = None
         deadline = time.monotonic() + 30
         while victim is None and time.monotonic() < deadline:
             victim = in_transaction(worker.children(), pg)
             time.sleep(0.01)
         assert victim is not None, "no pool process was ever seen mid-batch"
+        figures = fault("pool process killed mid-batch")
         victim.kill()
         assert wait_for(lambda: victim.pid not in [c.pid for c in worker.children()], 30)
         assert wait_for(lambda: len(worker.children()) == 2, 30), "the pool was not refilled"
@@ -392,11 +397,11 @@ def test_every_event_is_stored_once_through_worker_broker_database_and_web_fault
         load.phase = "after the faults"
         load.stop.set()
         for thread in clients:
-            thread.join(120)
+            thread.join(GIVE_UP_AFTER_S + 30)
+        backlog.done.set()
     last_answer = load.last_answer
     assert wait_for(lambda: backlog.now() == 0, 90), processes.log("serve")[-3000:]
     drained = time.monotonic()
-    backlog.done.set()
 
     events, distinct = pg.query("SELECT count(*), count(DISTINCT (run_id, seq)) FROM runs_event")
     batches = pg.query(
