@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from ninja import NinjaAPI, Schema
@@ -37,6 +39,8 @@ class ProjectBearer(HttpBearer):
 
 
 project_auth = ProjectBearer()
+logger = logging.getLogger(__name__)
+DATABASE_RETRY_AFTER_S = "5"
 # Reads: an agent with its project's token, or an operator logged in to the portal.
 read_auth = [project_auth, django_auth]
 
@@ -263,6 +267,21 @@ def body_refused(request, exc):
 def too_big(request, exc):
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     return api.create_response(request, {"detail": f"body larger than {limit} bytes"}, status=413)
+
+
+@api.exception_handler(OperationalError)
+@api.exception_handler(InterfaceError)
+def database_unavailable(request, exc):
+    # PostgreSQL cannot be reached or went away (a restart, a failover): the token check
+    # or the view could not query it. 503 with Retry-After, as the spool answers when it
+    # cannot commit (telemetry/ingest/pipeline.py): every client library retries that,
+    # while OTLP exporters drop a 500 (they retry 429, 502, 503 and 504 only).
+    logger.warning("database unavailable: %s", exc)
+    response = api.create_response(
+        request, {"detail": "the database is unavailable; retry later"}, status=503
+    )
+    response["Retry-After"] = DATABASE_RETRY_AFTER_S
+    return response
 
 
 @api.exception_handler(HttpError)

@@ -12,8 +12,10 @@ operation at once, those to come included (tests/test_openapi_truth.py walks the
   a body past its limit.
 - 429 with Retry-After on write operations of the token endpoints (the project's
   rate limit, counted before the body is read).
+- 503 with Retry-After everywhere: the database cannot be reached (a restart, a
+  failover); docs/reliability.md.
 
-Every 4xx body of the API has one shape, `Detail`: `{"detail": "<what is wrong>"}`,
+Every 4xx (and 503) body of the API has one shape, `Detail`: `{"detail": "<what is wrong>"}`,
 with `errors` listing each problem when there are several (a parameter's validation,
 an ingest batch's lines).
 """
@@ -51,6 +53,11 @@ RATE_HEADERS = {
     "X-RateLimit-Remaining": {"schema": {"type": "integer", "minimum": 0}},
 }
 
+UNAVAILABLE_RETRY_AFTER = {
+    "description": "Seconds to wait before sending the same request again.",
+    "schema": {"type": "integer", "minimum": 1},
+}
+
 STANDARD: dict[str, str] = {
     "400": "Malformed request: a parameter or body that does not validate, a NUL "
     "character in the URL, or what the endpoint refuses; `detail` says which.",
@@ -62,6 +69,8 @@ STANDARD: dict[str, str] = {
     "413": "The body is larger than the endpoint's limit (after decompression).",
     "429": "The project's write rate limit (`INGEST_RATE_PER_MINUTE` or its own); "
     "retry after `Retry-After` seconds.",
+    "503": "The database is unavailable (restarting, failing over): nothing was kept; "
+    "retry after `Retry-After` seconds with the same `Idempotency-Key`.",
 }
 
 # The NUL refusal of portal.middleware.RefuseNulInUrlMiddleware, as a JSON Schema regex.
@@ -110,12 +119,15 @@ def _complete_operation(method: str, operation: dict[str, Any]) -> None:
         wanted += ["411", "413"]
     if secured and writes:
         wanted.append("429")
+    wanted.append("503")
     for status in wanted:
         responses.setdefault(status, {"description": STANDARD[status]})
     if "429" in responses and secured and writes:
         responses["429"].setdefault("headers", RATE_HEADERS)
+    if "503" in responses:
+        responses["503"].setdefault("headers", {"Retry-After": UNAVAILABLE_RETRY_AFTER})
     for status, response in responses.items():
-        if str(status).startswith("4"):
+        if str(status).startswith("4") or str(status) == "503":
             # One shape for every refusal, whatever ninja inferred from the view.
             response["content"] = {"application/json": {"schema": DETAIL}}
             if response.get("description") in ("", "Bad Request", "Unauthorized", None):

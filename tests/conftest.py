@@ -22,6 +22,7 @@ from django.test import Client
 from portal.celery import app as celery_app
 from runs.models import Project
 from tests.fixtures.otlp.payloads import to_json
+from tests.processes import own_redis, processes  # noqa: F401 (fixtures for every module)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,8 +28,8 @@ from runs.models import Event, Run
 from telemetry import tasks
 from telemetry.models import IngestBatch, WorkerHeartbeat
 from tests.conftest import ndjson, record, redis_url
-from tests.test_serve import free_port
-from tests.test_worker import ROOT, database_url, use_broker, wait_for
+from tests.processes import ROOT, free_port, wait_for
+from tests.test_worker import database_url, use_broker
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -59,42 +57,6 @@ def post_events(port: int, token: str, run_id: str, *records: dict) -> dict:
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 202
         return json.load(response)
-
-
-class Processes:
-    """Child processes of a test, each logging to a file, all stopped at the end."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.procs = folder, {}
-
-    def start(self, name: str, command: list[str], env: dict) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.procs[name] = (proc, log)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.folder / f"{name}.log").read_text()
-
-    def stop(self) -> None:
-        for proc, _ in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, (proc, log) in self.procs.items():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
-            print(f"--- {name}\n{self.log(name)[-3000:]}")
-
-
-@pytest.fixture
-def processes(tmp_path):
-    procs = Processes(tmp_path)
-    yield procs
-    procs.stop()
 
 
 def role_env(var_dir: Path, broker: str, **extra: str) -> dict:
@@ -242,39 +204,6 @@ def test_serve_starts_a_dead_worker_again_and_the_web_server_keeps_answering(
     assert wait_for(lambda: Event.objects.filter(run__run_id="after-kill").count() == 1, 60)
     assert serve_proc.poll() is None
     assert "worker exited with" in processes.log("serve")
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A Redis of this test's own, which it may stop and start again (never the shared one)."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed; .ci/run installs it")
-    port = free_port()
-    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-    command += ["no", "--dir", str(tmp_path)]
-    state: dict = {}
-
-    def start() -> None:
-        state["proc"] = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=port)
-        assert wait_for(lambda: _pings(client), 10), "redis-server did not start"
-
-    def stop() -> None:
-        state["proc"].terminate()
-        state["proc"].wait(10)
-
-    start()
-    yield f"redis://127.0.0.1:{port}/0", start, stop
-    if state["proc"].poll() is None:
-        stop()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def test_a_worker_outlives_its_broker_and_stores_what_was_spooled_meanwhile(

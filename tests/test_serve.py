@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,10 @@ import pytest
 
 from runs.models import Event
 from tests.conftest import ndjson, record
-from tests.test_worker import ROOT, database_url, wait_for
+from tests.processes import ROOT, free_port, wait_for
+from tests.test_worker import database_url
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_runs_web_worker_and_beat_and_stops_them_all_on_ctrl_c(token, tmp_path):

@@ -10,10 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import redis
@@ -25,9 +23,9 @@ from portal.celery import app as celery_app
 from runs.models import Event, Run
 from telemetry.models import IngestBatch
 from tests.conftest import ndjson, record, redis_url
+from tests.processes import ROOT, wait_for
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL") or redis_url(14)
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -96,15 +94,6 @@ def celery_worker(tmp_path, *args: str, **env: str) -> Iterator[subprocess.Popen
 def worker(real_broker, tmp_path):
     with celery_worker(tmp_path, "--pool", "solo") as proc:
         yield proc
-
-
-def wait_for(predicate, timeout: float = 45.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_a_real_worker_processes_ingested_events(worker, client, token):
