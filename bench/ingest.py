@@ -108,6 +108,27 @@ def drop_database(server_url: str, *names: str) -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextmanager
+def django_on(name: str, keep: bool = False) -> Iterator[str]:
+    """A fresh migrated database `name` on the configured server, Django set up on it,
+    dropped on the way out unless `keep`. Yields its URL."""
+    server_url = configured_url()
+    bench_url = create_database(server_url, name)
+    os.environ["DATABASE_URL"] = bench_url
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    import django
+
+    django.setup()
+    try:
+        yield bench_url
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        if not keep:
+            drop_database(server_url, name)
+
+
 def pause_autovacuum(conn: psycopg.Connection) -> None:
     """Switch autovacuum off on the benchmark's tables, for every phase alike.
 
@@ -772,17 +793,10 @@ def main() -> int:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
 
-    server_url = configured_url()
     print(f"preparing {BENCH_DB} and {args.events:,} records …", flush=True)
-    bench_url = create_database(server_url, BENCH_DB)
-    os.environ["DATABASE_URL"] = bench_url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
-    import django
+    with django_on(BENCH_DB, keep=args.keep_db) as bench_url:
+        from runs.models import Project
 
-    django.setup()
-    from runs.models import Project
-
-    try:
         work = build_workload(args.events, args.batch)
         with psycopg.connect(bench_url, autocommit=True) as conn:
             server = server_settings(conn)
@@ -828,12 +842,6 @@ def main() -> int:
             fps["c"] = fingerprint(conn)
         costs = stage_costs(work, min(args.events, 20_000))
         report(args, work, timings[0], timings[1], e2e, costs, server, fps)
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        if not args.keep_db:
-            drop_database(server_url, BENCH_DB)
     return 0
 
 

@@ -48,10 +48,8 @@ from ingest import (  # noqa: E402  (bench/ingest.py: the portal, meters, worklo
     EndToEnd,
     Workload,
     build_workload,
-    configured_url,
-    create_database,
+    django_on,
     drive,
-    drop_database,
     pause_autovacuum,
     postmaster_pid,
     redis_reachable,
@@ -238,17 +236,10 @@ def main() -> int:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
 
-    server_url = configured_url()
     print(f"preparing {BENCH_DB} and {args.events:,} records …", flush=True)
-    bench_url = create_database(server_url, BENCH_DB)
-    os.environ["DATABASE_URL"] = bench_url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
-    import django
+    with django_on(BENCH_DB, keep=args.keep_db) as bench_url:
+        from runs.models import Project
 
-    django.setup()
-    from runs.models import Project
-
-    try:
         work = build_workload(args.events, args.batch)
         with psycopg.connect(bench_url, autocommit=True) as conn:
             server = server_settings(conn)
@@ -292,12 +283,6 @@ def main() -> int:
                 phase.name, phase.side = name, side
                 phases[name] = phase
         report(args, phases, server, args.expired)
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        if not args.keep_db:
-            drop_database(server_url, BENCH_DB)
     return 0
 
 

@@ -44,10 +44,8 @@ from ingest import (  # noqa: E402  (bench/ingest.py: the portal, CPU meters, ba
     REDIS_URL,
     EndToEnd,
     Timing,
-    configured_url,
-    create_database,
+    django_on,
     drive,
-    drop_database,
     phase_copy,
     postmaster_pid,
     redis_reachable,
@@ -326,17 +324,10 @@ def main() -> int:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    server_url = configured_url()
     print(f"preparing {BENCH_DB}, {args.logs:,} log records and {args.spans:,} spans …")
-    bench_url = create_database(server_url, BENCH_DB)
-    os.environ["DATABASE_URL"] = bench_url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
-    import django
+    with django_on(BENCH_DB, keep=args.keep_db) as bench_url:
+        from runs.models import Project
 
-    django.setup()
-    from runs.models import Project
-
-    try:
         logs = make_logs(args.logs, args.batch)
         spans = make_spans(args.spans, args.batch)
         assert sum(map(count_items, logs)) == args.logs
@@ -420,12 +411,6 @@ def main() -> int:
                     )
                     reset(conn)
         report(args, results, server, sizes)
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        if not args.keep_db:
-            drop_database(server_url, BENCH_DB)
     return 0
 
 

@@ -52,10 +52,8 @@ from ingest import (  # noqa: E402  (bench/ingest.py: the portal, CPU meters, da
     CpuMeter,
     EndToEnd,
     Timing,
-    configured_url,
-    create_database,
+    django_on,
     drive,
-    drop_database,
     pause_autovacuum,
     postmaster_pid,
     redis_reachable,
@@ -393,17 +391,10 @@ def main() -> int:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    server_url = configured_url()
     print(f"preparing {BENCH_DB} and {args.events:,} SDK events …", flush=True)
-    bench_url = create_database(server_url, BENCH_DB)
-    os.environ["DATABASE_URL"] = bench_url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
-    import django
+    with django_on(BENCH_DB, keep=args.keep_db) as bench_url:
+        from runs.models import Project
 
-    django.setup()
-    from runs.models import Project
-
-    try:
         project = Project.objects.create(name="Bench", slug="bench")
         # The DSN's host is never checked, only its key and project id.
         dsn = f"http://{project.public_key}@127.0.0.1/{project.pk}"
@@ -437,12 +428,6 @@ def main() -> int:
                 print("(f) GET /health/live, again …", flush=True)
                 floors.append(phase_floor(portal, postmaster, args.floor_requests, args.threads))
         report(args, envelopes, floors, sentry, server, groups)
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        if not args.keep_db:
-            drop_database(server_url, BENCH_DB)
     return 0
 
 
