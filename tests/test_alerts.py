@@ -27,7 +27,7 @@ from telemetry.models import (
     RefusalCount,
     SlugErrorCount,
 )
-from tests.alert_receiver import start_receiver
+from tests.alert_receiver import running_receiver
 from tests.conftest import ndjson, record
 
 pytestmark = pytest.mark.django_db
@@ -35,10 +35,8 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def receiver():
-    receiver = start_receiver()
-    yield receiver
-    receiver.server.shutdown()
-    receiver.server.server_close()
+    with running_receiver() as receiver:
+        yield receiver
 
 
 @pytest.fixture

@@ -16,17 +16,15 @@ from portal.celery import app as celery_app
 from telemetry.alerts.messages import sample_payload
 from telemetry.models import AlertChannel, AlertRule, AlertState
 from telemetry.tasks import deliver_alert
-from tests.alert_receiver import start_receiver
+from tests.alert_receiver import running_receiver
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def receiver():
-    receiver = start_receiver()
-    yield receiver
-    receiver.server.shutdown()
-    receiver.server.server_close()
+    with running_receiver() as receiver:
+        yield receiver
 
 
 @pytest.fixture(autouse=True)
