@@ -16,7 +16,7 @@ from ninja.openapi.docs import DocsBase
 from ninja.security import HttpBearer, django_auth
 
 from portal import openapi
-from portal.http import BodyError, allow_methods
+from portal.http import DATABASE_RETRY_AFTER_S, BodyError, allow_methods
 from runs.models import Project
 from telemetry import ratelimit
 
@@ -40,7 +40,6 @@ class ProjectBearer(HttpBearer):
 
 project_auth = ProjectBearer()
 logger = logging.getLogger(__name__)
-DATABASE_RETRY_AFTER_S = "5"
 # Reads: an agent with its project's token, or an operator logged in to the portal.
 read_auth = [project_auth, django_auth]
 

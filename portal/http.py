@@ -34,6 +34,10 @@ DRAIN_BYTES = 1024 * 1024
 DRAIN_SECONDS = 2.0
 
 
+# Retry-After of a 503 when PostgreSQL cannot be reached (the API and the pages).
+DATABASE_RETRY_AFTER_S = "5"
+
+
 def allow_methods(*methods: str):
     """A plain view answers these methods only (GET brings HEAD); anything else, TRACE
     included, gets 405 with `Allow` and a JSON body. Checked before the login."""

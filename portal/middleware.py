@@ -8,7 +8,8 @@ import re
 import time
 
 from django.conf import settings
-from django.http import FileResponse, JsonResponse
+from django.db import InterfaceError, OperationalError
+from django.http import FileResponse, HttpResponse, JsonResponse
 
 from portal import http
 from portal.db import reading_from_replica, stream_from_replica
@@ -18,6 +19,7 @@ from runs.ids import uuid7
 _SANE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 
 request_logger = logging.getLogger("runlens.request")
+logger = logging.getLogger(__name__)
 
 
 def is_health_path(path: str) -> bool:
@@ -126,6 +128,38 @@ class JsonMethodNotAllowedMiddleware:
             return response
         allowed = [m.strip() for m in response.get("Allow", "").split(",") if m.strip()]
         return http.method_not_allowed(request.method, allowed)
+
+
+class DatabaseUnavailableMiddleware:
+    """A page or view whose query could not reach PostgreSQL (a restart, a failover)
+    answers 503 with Retry-After, as the API does (portal/api.py), not a 500: the
+    operator's browser, a proxy and a probe all know to come back."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        if not isinstance(exception, OperationalError | InterfaceError):
+            return None
+        logger.warning("database unavailable: %s", exception)
+        if request.path.startswith("/api/") or "text/html" not in request.headers.get(
+            "Accept", "text/html"
+        ):
+            response = JsonResponse(
+                {"detail": "the database is unavailable; retry later"}, status=503
+            )
+        else:
+            response = HttpResponse(
+                "Runlens cannot reach its database right now. This page will work again "
+                "once it is back; try again in a few seconds.",
+                status=503,
+                content_type="text/plain; charset=utf-8",
+            )
+        response["Retry-After"] = http.DATABASE_RETRY_AFTER_S
+        return response
 
 
 class RefuseNulInUrlMiddleware:

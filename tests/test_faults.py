@@ -445,3 +445,13 @@ def test_every_event_is_stored_once_through_worker_broker_database_and_web_fault
     assert worker.is_running() and "worker exited" not in log, "the worker died"
     assert "beat exited" not in log and "Unrecoverable error" not in log
     assert log.count("web exited") == 1
+
+
+@pytest.mark.parametrize("path", ["/", "/search?q=x", "/alerts", "/status"])
+def test_a_page_while_the_database_is_unreachable_is_a_503_to_retry(
+    operator_client, database_unreachable, path
+):
+    response = operator_client.get(path, HTTP_ACCEPT="text/html")
+    assert response.status_code == 503
+    assert int(response["Retry-After"]) > 0
+    assert "cannot reach its database" in response.content.decode()
