@@ -129,6 +129,18 @@ def django_on(name: str, keep: bool = False) -> Iterator[str]:
             drop_database(server_url, name)
 
 
+def wait_stored(portal: Portal, conn: psycopg.Connection, timeout: float = 60) -> None:
+    """Until every spooled batch is stored (a warm-up's, before the tables are emptied)."""
+    deadline = time.monotonic() + timeout
+    while conn.execute(
+        "SELECT count(*) FROM telemetry_ingestbatch WHERE state <> 'done'"
+    ).fetchone()[0]:
+        portal.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"warm-up batches not stored after {timeout}s:\n{portal.logs()}")
+        time.sleep(0.05)
+
+
 def pause_autovacuum(conn: psycopg.Connection) -> None:
     """Switch autovacuum off on the benchmark's tables, for every phase alike.
 

@@ -30,7 +30,6 @@ import platform
 import random
 import signal
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from ingest import (  # noqa: E402  (bench/ingest.py: the portal, CPU meters, ba
     redis_reachable,
     running_portal,
     server_settings,
+    wait_stored,
 )
 
 BENCH_DB = "runlens_bench_otlp"
@@ -260,14 +260,7 @@ def warm_up(portal, conn, token: str, logs: list, spans: list) -> None:
         post(http_conn, "/v1/logs", json_body(logs[0]), headers)
     finally:
         http_conn.close()
-    deadline = time.monotonic() + 60
-    while conn.execute(
-        "SELECT count(*) FROM telemetry_ingestbatch WHERE state <> 'done'"
-    ).fetchone()[0]:
-        portal.check_alive()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"warm-up batches not stored after 60s:\n{portal.logs()}")
-        time.sleep(0.05)
+    wait_stored(portal, conn)
     reset(conn)
 
 

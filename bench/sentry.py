@@ -59,6 +59,7 @@ from ingest import (  # noqa: E402  (bench/ingest.py: the portal, CPU meters, da
     redis_reachable,
     running_portal,
     server_settings,
+    wait_stored,
 )
 
 BENCH_DB = "runlens_bench_sentry"
@@ -284,14 +285,7 @@ def warm_up(portal, conn, path: str, headers: dict, envelopes: list[Envelope]) -
             response_of(http_conn)
     finally:
         http_conn.close()
-    deadline = time.monotonic() + 60
-    while conn.execute(
-        "SELECT count(*) FROM telemetry_ingestbatch WHERE state <> 'done'"
-    ).fetchone()[0]:
-        portal.check_alive()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"warm-up batches not stored after 60s:\n{portal.logs()}")
-        time.sleep(0.05)
+    wait_stored(portal, conn)
     reset(conn)
 
 
