@@ -48,7 +48,8 @@ pytestmark = pytest.mark.worker  # real processes and brokers, like tests/test_w
 POSTGRES_URL = os.environ.get(
     "TEST_PRODUCTION_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-# Redis database 12: 13, 14 and 15 belong to other tests and the benchmark.
+# Redis database 12 (another per test process, tests.conftest.redis_url): 11, 13 and 14
+# belong to other tests, 15 to the benchmarks.
 BROKERS = {
     "redis": os.environ.get("TEST_PRODUCTION_REDIS_URL") or redis_url(12),
     "amqp": os.environ.get("TEST_PRODUCTION_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),

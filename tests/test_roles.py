@@ -33,7 +33,8 @@ from tests.test_worker import database_url, use_broker
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
-# Redis database 11: 12 to 15 belong to other tests and the benchmark.
+# Redis database 11 (another per test process, tests.conftest.redis_url): 12 to 14
+# belong to other tests, 15 to the benchmarks.
 REDIS_URL = os.environ.get("TEST_ROLES_REDIS_URL") or redis_url(11)
 
 
